@@ -1,0 +1,113 @@
+"""OpenCLIP text and image encoders as DynamiCrafter uses them, built with open_clip_torch's own
+``CLIP`` class and no download (weights come from the DynamiCrafter checkpoint).
+
+State-dict layout: ``cond_stage_model.model.*`` is a CLIP without ``visual``; ``embedder.model.*`` is
+a CLIP without the text ``transformer`` (its token embedding, ln_final and projection stay, unused).
+"""
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_config(arch: str | dict) -> dict:
+    """open_clip's model config for a named architecture, or a custom config dict as is."""
+    if isinstance(arch, dict):
+        return arch
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"`arch` {arch!r} is not an open_clip architecture; use e.g. 'ViT-H-14'.")
+    return cfg
+
+
+def _run_blocks(transformer, x, n_blocks, attn_mask=None):
+    """Run the first ``n_blocks`` residual blocks on ``[batch, tokens, width]``."""
+    batch_first = getattr(transformer, "batch_first", False)
+    x = x if batch_first else x.permute(1, 0, 2)
+    for block in transformer.resblocks[:n_blocks]:
+        x = block(x, attn_mask=attn_mask)
+    return x if batch_first else x.permute(1, 0, 2)
+
+
+class TextEncoder(nn.Module):
+    """OpenCLIP text tower, penultimate layer then ``ln_final``: ``[B, 77, width]``."""
+
+    def __init__(self, arch: str | dict = "ViT-H-14", layer: str = "penultimate"):
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"`layer` {layer!r} is unknown; use 'last' or 'penultimate'.")
+        model = CLIP(**clip_config(arch))
+        del model.visual
+        self.model = model
+        self.skip_last = 1 if layer == "penultimate" else 0
+
+    @staticmethod
+    def tokenize(prompts: list[str]) -> torch.Tensor:
+        return open_clip.tokenize(prompts)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.token_embedding(tokens) + m.positional_embedding
+        n_blocks = len(m.transformer.resblocks) - self.skip_last
+        x = _run_blocks(m.transformer, x, n_blocks, attn_mask=m.attn_mask.to(x.device))
+        return m.ln_final(x)
+
+
+def _gaussian_kernel(size: int, sigma: float, device, dtype):
+    x = torch.arange(size, device=device, dtype=dtype) - size // 2
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def antialiased_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Gaussian pre-blur then bicubic (align_corners) resize: kornia's ``resize(antialias=True)``."""
+    h, w = x.shape[-2:]
+    factors = (h / size[0], w / size[1])
+    if max(factors) > 1:
+        for dim, f in ((-2, factors[0]), (-1, factors[1])):
+            sigma = max((f - 1.0) / 2.0, 0.001)
+            ks = int(max(4.0 * sigma, 3))
+            ks += 1 - ks % 2
+            k = _gaussian_kernel(ks, sigma, x.device, x.dtype)
+            shape = (1, 1, ks, 1) if dim == -2 else (1, 1, 1, ks)
+            pad = (0, 0, ks // 2, ks // 2) if dim == -2 else (ks // 2, ks // 2, 0, 0)
+            c = x.shape[1]
+            x = F.conv2d(F.pad(x, pad, mode="reflect"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+
+
+class ImageEncoder(nn.Module):
+    """OpenCLIP vision tower returning all tokens before ``ln_post``: ``[B, 1 + patches, width]``.
+
+    Input is an image in [-1, 1]; it is resized (aspect ratio not kept, as DynamiCrafter does) to the
+    tower's input size and normalised with CLIP's mean and std.
+    """
+
+    def __init__(self, arch: str | dict = "ViT-H-14"):
+        super().__init__()
+        model = CLIP(**clip_config(arch))
+        del model.transformer
+        self.model = model
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD), persistent=False)
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        size = self.model.visual.image_size
+        x = antialiased_resize(image, tuple(size))
+        x = (x + 1.0) / 2.0
+        return (x - self.mean[:, None, None].to(x.dtype)) / self.std[:, None, None].to(x.dtype)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        v = self.model.visual
+        x = v.conv1(self.preprocess(image))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.ln_pre(v.patch_dropout(x))
+        return _run_blocks(v.transformer, x, len(v.transformer.resblocks))
