@@ -26,6 +26,11 @@ def clip_config(arch: str | dict) -> dict:
     return cfg
 
 
+def causal_mask(n: int, device=None) -> torch.Tensor:
+    """Additive mask letting token i attend to tokens <= i (open_clip's text mask)."""
+    return torch.full((n, n), float("-inf"), device=device).triu_(1)
+
+
 def _run_blocks(transformer, x, n_blocks, attn_mask=None):
     """Run the first ``n_blocks`` residual blocks on ``[batch, tokens, width]``."""
     batch_first = getattr(transformer, "batch_first", False)
@@ -46,6 +51,10 @@ class TextEncoder(nn.Module):
         del model.visual
         self.model = model
         self.skip_last = 1 if layer == "penultimate" else 0
+
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the non-persistent causal mask (left on ``meta`` after a meta-device build)."""
+        self.model.attn_mask = causal_mask(self.model.attn_mask.shape[0], device)
 
     @staticmethod
     def tokenize(prompts: list[str]) -> torch.Tensor:
@@ -96,6 +105,11 @@ class ImageEncoder(nn.Module):
         self.model = model
         self.register_buffer("mean", torch.tensor(CLIP_MEAN), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD), persistent=False)
+
+    def reset_buffers(self, device=None) -> None:
+        """Recompute non-persistent constants (left on ``meta`` after a meta-device build)."""
+        self.mean, self.std = torch.tensor(CLIP_MEAN, device=device), torch.tensor(CLIP_STD, device=device)
+        self.model.attn_mask = causal_mask(self.model.attn_mask.shape[0], device)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         size = self.model.visual.image_size

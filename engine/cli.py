@@ -1,0 +1,42 @@
+"""``engine`` command line: a thin driver over the library (each verb lives in ``engine/commands``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .commands import convert, generate, inspect
+
+VERBS = {"generate": generate, "inspect": inspect, "convert": convert}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine", description=(
+        "Adaptive memory-aware image-to-video inference for DynamiCrafter-class models."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, module in VERBS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
+        argv = ["generate", *argv]  # `engine` alone, or `engine --out x.mp4`, runs the demo
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verb is None:
+        build_parser().print_help()
+        return 2
+    try:
+        return VERBS[args.verb].run(args) or 0
+    except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        print(f"engine {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Typed model specifications, parsed once from DynamiCrafter's OmegaConf YAML (``target``/``params``).
+
+YAML stays at the edge: :func:`load_spec` turns a config file (ours, or DynamiCrafter's original,
+unchanged) into a frozen :class:`ModelSpec`; everything downstream reads the dataclasses.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .models.autoencoder import VAEParams
+from .models.resampler import ResamplerParams
+from .models.unet import UNetParams
+
+TOP_TARGET = "lvdm.models.ddpm3d.LatentVisualDiffusion"
+UNET_TARGET = "lvdm.modules.networks.openaimodel3d.UNetModel"
+VAE_TARGET = "lvdm.models.autoencoder.AutoencoderKL"
+TEXT_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPEmbedder"
+IMAGE_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPImageEmbedderV2"
+RESAMPLER_TARGET = "lvdm.modules.encoders.resampler.Resampler"
+BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "256": "inference_256_v1.0.yaml",
+                   "512": "inference_512_v1.0.yaml", "1024": "inference_1024_v1.0.yaml"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a DynamiCrafter model and run it as its authors do."""
+
+    name: str
+    unet: UNetParams
+    vae: VAEParams
+    resampler: ResamplerParams
+    text_arch: str | dict = "ViT-H-14"
+    text_layer: str = "penultimate"
+    image_arch: str | dict = "ViT-H-14"
+    parameterization: str = "eps"
+    rescale_betas_zero_snr: bool = False
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    scale_factor: float = 0.18215
+    use_dynamic_rescale: bool = False
+    base_scale: float = 0.7
+    turning_step: int = 400
+    fps_condition_type: str = "fs"
+    perframe_ae: bool = False
+    latent_size: tuple = (32, 32)
+    channels: int = 4
+    source: str = field(default="", compare=False)
+
+    @property
+    def default_height_width(self) -> tuple[int, int]:
+        f = self.vae.downsample_factor
+        return self.latent_size[0] * f, self.latent_size[1] * f
+
+    @property
+    def frames(self) -> int:
+        return self.unet.temporal_length
+
+    @property
+    def timestep_spacing(self) -> str:
+        # zero-terminal-SNR models need t=999 in the schedule (DynamiCrafter's run.sh does the same)
+        return "uniform_trailing" if self.rescale_betas_zero_snr else "uniform"
+
+    @property
+    def guidance_rescale(self) -> float:
+        return 0.7 if self.rescale_betas_zero_snr else 0.0
+
+    @property
+    def default_fs(self) -> int:
+        return self.unet.default_fs
+
+
+class ConfigError(ValueError):
+    """A model config that we cannot build; the message names the key and the way out."""
+
+
+def resolve_config_path(config: str | os.PathLike) -> Path:
+    """A path, or a built-in name (``tiny``, ``256``, ``512``, ``1024``)."""
+    name = str(config)
+    if name in BUILTIN_CONFIGS:
+        for root in (Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"):
+            if (root / BUILTIN_CONFIGS[name]).is_file():
+                return root / BUILTIN_CONFIGS[name]
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"`--config` {name!r} is not a file; pass a YAML path or one of "
+                          f"{', '.join(BUILTIN_CONFIGS)}.")
+    return path
+
+
+def load_spec(config: str | os.PathLike) -> ModelSpec:
+    """Parse a DynamiCrafter-format YAML (path or built-in name) into a :class:`ModelSpec`."""
+    path = resolve_config_path(config)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:
+        raise ConfigError(f"`--config` {str(path)!r} is not valid YAML ({exc}); fix the file.") from exc
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ConfigError(f"`--config` {str(path)!r} has no top-level `model` section; "
+                          "use a DynamiCrafter inference config.")
+    from .config_parse import parse_model_section
+    return parse_model_section(raw["model"], name=path.stem, source=str(path))

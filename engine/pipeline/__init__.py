@@ -1,0 +1,1 @@
+"""Image-to-video pipeline: preprocess -> condition -> sample -> decode -> save."""

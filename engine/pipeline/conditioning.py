@@ -1,0 +1,68 @@
+"""Conditioning as DynamiCrafter builds it: text + per-frame image tokens for cross-attention, the
+VAE latent of the conditioning frame(s) for channel concatenation, and the frame-rate/stride ``fs``.
+
+Only the frames that are used are VAE-encoded: one for image-to-video, two (first, last) for
+interpolation and looping (DynamiCrafter encodes 16 copies of the input and keeps one or two).
+"""
+from __future__ import annotations
+
+import torch
+
+MODES = ("i2v", "interp", "loop")
+
+
+@torch.no_grad()
+def text_context(model, prompts: list[str], device) -> torch.Tensor:
+    tokens = model.cond_stage_model.tokenize(prompts).to(device)
+    return model.cond_stage_model(tokens)
+
+
+@torch.no_grad()
+def image_context(model, image: torch.Tensor) -> torch.Tensor:
+    """CLIP image tokens -> Resampler -> ``[B, 16 * video_length, C]`` per-frame image context."""
+    return model.image_proj_model(model.embedder(image))
+
+
+def concat_latents(z_first: torch.Tensor, z_last: torch.Tensor | None, frames: int, mode: str):
+    """The ``c_concat`` video latent: I2V repeats the first frame's latent over time; interpolation
+    and looping put the first and last latents at both ends and zeros between."""
+    if mode == "i2v":
+        return z_first[:, :, None].expand(-1, -1, frames, -1, -1).contiguous()
+    out = torch.zeros(z_first.shape[0], z_first.shape[1], frames, *z_first.shape[2:],
+                      dtype=z_first.dtype, device=z_first.device)
+    out[:, :, 0] = z_first
+    out[:, :, -1] = z_last
+    return out
+
+
+def unet_call(model):
+    """The function the guidance wrapper calls: ``(x, t, cond) -> network output``."""
+
+    def call(x, t, cond):
+        return model.apply_model(x, t, cond["c_concat"], cond["context"], cond["fs"])
+
+    return call
+
+
+@torch.no_grad()
+def build_conditions(model, image, prompt: str, c_concat, fs: int, with_uncond: bool, with_uncond_image: bool):
+    """``(cond, uncond, uncond_image)`` dicts for the guidance wrapper.
+
+    The unconditional branch uses the empty prompt and the CLIP embedding of an all-zero image
+    (``empty_seq`` in DynamiCrafter) but keeps ``c_concat``: the image latent is never dropped.
+    ``uncond_image`` (multi-condition CFG) pairs the empty prompt with the real image tokens.
+    """
+    device = image.device
+    fs_t = torch.full((image.shape[0],), int(fs), dtype=torch.long, device=device)
+    text = text_context(model, [prompt] * image.shape[0], device)
+    img = image_context(model, image)
+    cond = {"c_concat": c_concat, "context": torch.cat([text, img], dim=1), "fs": fs_t}
+    uncond = uncond_image = None
+    if with_uncond or with_uncond_image:
+        empty = text_context(model, [""] * image.shape[0], device)
+        if with_uncond:
+            uncond = {"c_concat": c_concat, "fs": fs_t,
+                      "context": torch.cat([empty, image_context(model, torch.zeros_like(image))], dim=1)}
+        if with_uncond_image:
+            uncond_image = {"c_concat": c_concat, "fs": fs_t, "context": torch.cat([empty, img], dim=1)}
+    return cond, uncond, uncond_image

@@ -1,0 +1,23 @@
+"""Shared fixtures: the tiny model is built once per session (random weights, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from engine.pipeline.loading import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_model("tiny", None, device="cpu", seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip cleanly on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
