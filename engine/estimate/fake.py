@@ -97,6 +97,11 @@ class FakeConverter:
         twin.set_(meta_storage, t.storage_offset(), t.shape, t.stride())
         return twin
 
+    def clear(self) -> None:
+        """Forget every conversion and release the source storages held while tracing."""
+        self._memo = WeakIdKeyDictionary()
+        self._meta_storages.clear()
+
     def convert_tree(self, obj: Any) -> Any:
         """Convert every tensor inside a pytree ``obj`` (tuples, lists, dicts) to its fake."""
         return torch.utils._pytree.tree_map_only(torch.Tensor, self, obj)

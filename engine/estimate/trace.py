@@ -13,12 +13,19 @@ many times in a Python loop (a per-frame decode) is fine.
 Categories (:class:`MemKind`): ``WEIGHTS`` are parameters and buffers of modules (swapped for
 fakes), ``INPUTS`` every other tensor that existed before the call, ``ACTIVATIONS`` op outputs
 still alive when the next op starts, ``TEMPORARIES`` op outputs dropped before the next op starts
-(discarded statistics of norms, intermediate results nobody keeps).
+(discarded statistics of norms, results nobody keeps) plus kernel scratch memory.
 
-Known limitations: memory that never appears as an op output is invisible (kernel workspaces such
-as cuBLAS/cuDNN/oneDNN scratch, im2col buffers of the slow CPU convolution, the CUDA context);
-``UntypedStorage.resize_`` called directly bypasses dispatch; data-dependent ops (``.item()``,
-``nonzero``) cannot run on fake tensors and raise.
+What real kernels do that fakes do not show is corrected in :mod:`engine.estimate.kernels`:
+modelled workspaces (CPU im2col convolution, oneDNN reorders, CPU flash attention), the in-place
+bias add of ``linear`` and the choice of attention kernel. Validated on CPU against the
+profiler's allocation events (exact on the tested models); the CUDA path (512-byte blocks) is
+checked against ``active_bytes.all.peak`` only where a GPU is present.
+
+Known limitations: scratch memory of unmodelled kernels is invisible (cuBLAS/cuDNN workspaces,
+the CUDA context, the slow CPU 3-D and transposed convolutions); ``UntypedStorage.resize_``
+called directly bypasses dispatch; data-dependent ops (``.item()``, ``nonzero``) cannot run on
+fake tensors and raise; modules swapped to fakes are fakes for every thread while tracing, so do
+not trace a module another thread is running.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -153,7 +161,8 @@ class Tracer:
     def __init__(self, device: str | torch.device = "cpu", *, sdpa_backend: str = "auto",
                  record_timeline: bool = False):
         self.device = normalize_device(device)
-        self._fidelity = FidelityMode(self.device.type, sdpa_backend)
+        self._sdpa_backend = sdpa_backend
+        FidelityMode(self.device.type, sdpa_backend)  # validates ``sdpa_backend`` now
         self._record_timeline = record_timeline
         self._depth = 0
         self._stack: contextlib.ExitStack | None = None
@@ -164,6 +173,7 @@ class Tracer:
         self._convert = FakeConverter(self._fake_mode, self.device, on_new=self._on_new_fake)
         self._swap = ModuleSwap(self._convert)
         self._flops = FlopCounterMode(display=False)
+        self._fidelity = FidelityMode(self.device.type, self._sdpa_backend)
         self._pre: dict[int, tuple[int, MemKind]] = {}
         self._pre_hold: list[torch.UntypedStorage] = []
         self._records: list[_Record] = []
@@ -174,6 +184,7 @@ class Tracer:
         self._peak_event = -1
         self._bytes_moved = 0
         self._active = False
+        self._thread = 0
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -197,6 +208,7 @@ class Tracer:
             stack.close()
             raise
         self._active = True
+        self._thread = threading.get_ident()
         self._stack = stack
         return self
 
@@ -211,6 +223,7 @@ class Tracer:
         self._active = False
         self._refs.clear()
         self._pre_hold.clear()
+        self._convert.clear()
 
     # -- public helpers ----------------------------------------------------------------------
     def fake(self, obj: Any) -> Any:
@@ -274,7 +287,9 @@ class Tracer:
             self._register_pre(fake, MemKind.WEIGHTS)
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        if self._active:
+        # The hook is process-wide but the dispatch modes are per thread: leave modules that
+        # other threads run alone.
+        if self._active and threading.get_ident() == self._thread:
             self._swap_module(module)
 
     def _ensure_fake(self, t: torch.Tensor) -> torch.Tensor:
