@@ -82,17 +82,13 @@ class AEMode:
         if not isinstance(text, str) or not text.strip():
             raise bad
         fields: dict[str, object] = {}
-        for part in text.strip().lower().split("+"):
-            m = _PART.match(part.strip())
-            if m is None:
+        for part in (p.strip() for p in text.strip().lower().split("+")):
+            m = _PART.match(part)
+            key = "chunk" if part in ("batched", "per-frame") else part.split(":")[0]
+            if m is None or key in fields:  # unknown or repeated component
                 raise bad
-            key = "chunk" if part.strip() in ("batched", "per-frame") else part.split(":")[0].strip()
-            if key in fields:
-                raise bad
-            if part.strip() == "batched":
-                fields[key] = None
-            elif part.strip() == "per-frame":
-                fields[key] = 1
+            if part in ("batched", "per-frame"):
+                fields[key] = None if part == "batched" else 1
             elif m.group(2):
                 fields[key] = int(m.group(2))
             elif m.group(3):
@@ -103,4 +99,5 @@ class AEMode:
             return cls(**fields)
         except ValueError as err:  # out-of-range value: say which, then the valid forms
             reason = str(err).split(";")[0].rstrip(".")
-            raise ValueError(f"`{argument}` got {text!r} ({reason}); use one of {_FORMS}.") from None
+            raise ValueError(f"`{argument}` got {text!r} ({reason}); "
+                             f"use one of {_FORMS}.") from None

@@ -14,9 +14,25 @@ Exactness contract:
     * Tiling (``tile:HxW``) is approximate: GroupNorm statistics and the full-attention mid
       block see one tile instead of the whole image, and convolutions near a tile edge see
       zero padding. Overlapping tiles are blended with a raised-cosine ramp (see
-      :mod:`engine.runtime.tiling`). Measured on tiny random-weight VAEs at the default
-      overlap (a quarter of the tile): see ``tests/test_autoencode.py`` for the asserted
-      PSNR bounds. A tile covering the whole image is exactly the untiled call.
+      :mod:`engine.runtime.tiling`). The default overlap is a quarter of the tile per axis
+      (as in diffusers and ComfyUI); tiles keep their full size and are spread evenly, so the
+      real overlap is often larger. A tile covering the whole image is exactly the untiled
+      call. Measured PSNR vs untiled (tiny random-weight VAEs, fp32, one 320x512 frame,
+      ``tests/test_autoencode.py`` asserts >= 40 dB for tile 256):
+
+      ==========================  ===============  ===================
+      mode                        ours dec / enc   diffusers dec / enc
+      ==========================  ===============  ===================
+      tile:256x256 (default ov.)  42.5 / 43.0 dB   44.5 / 44.2 dB
+      tile:256x256+overlap:0      32.9 / 32.9 dB   35.6 / 32.9 dB
+      tile:192x192                35.7 / 37.6 dB   38.2 / 38.5 dB
+      tile:192x192+overlap:96     36.8 / 38.2 dB   39.4 / 39.8 dB
+      tile:128x128                28.7 / 29.8 dB   31.3 / 30.0 dB
+      ==========================  ===============  ===================
+
+      ("enc" compares posterior means.) Quality is set mostly by the tile size: with oracle
+      whole-image GroupNorm statistics the 256 case reaches ~52 dB, so per-tile GroupNorm
+      statistics, not the blend, are the main residual error. Real weights may differ.
 
 Example:
     >>> handle = apply_autoencode_policy(vae, encode="per-frame", decode="chunk:2+tile:256x256")
@@ -67,8 +83,9 @@ def _run(caller: VAECall, src: torch.Tensor, mode: AEMode, f: int, out: torch.Te
     up = caller.decode
     lat_h, lat_w = (h, w) if up else (h // f, w // f)
     if mode.tile is not None and not up and (h % f or w % f):
-        raise ValueError(f"`x` of size {h}x{w} cannot be tiled on the latent grid of factor {f}; "
-                         f"pad or resize it to multiples of {f}, or drop the tile from `{argument}`.")
+        raise ValueError(f"`x` of size {h}x{w} cannot be tiled on the latent grid of factor "
+                         f"{f}; pad or resize it to multiples of {f}, or drop the tile from "
+                         f"`{argument}`.")
     grid = _tile_grid(mode, lat_h, lat_w, f, argument) if mode.tile is not None else None
     k = mode.chunk or n
     scale_out = f if up else 1
@@ -133,7 +150,8 @@ def decode_frames(vae, z: torch.Tensor, mode: AEMode | str = "batched", *,
         scale_factor: if given, each chunk is divided by it before decoding (the LDM latent
             scale, e.g. 0.18215), so no full-size unscaled copy of ``z`` is made.
         out: optional preallocated ``[N, 3, 8h, 8w]`` buffer (any device/dtype, e.g. CPU) that
-            receives the frames, so the decoded video is never held twice.
+            receives the frames, so the decoded video is never held twice (tiles are
+            blended in place, in ``out``'s dtype).
         argument: name used for ``mode`` in error messages (e.g. ``ae_decode``).
 
     Returns:
@@ -278,7 +296,8 @@ def _wrap(vae, name: str, original: Callable, mode: AEMode) -> Callable:
         caller = VAECall(lambda part: original(part, *args, **kwargs), decode=name == "decode")
         result = _run(caller, t, mode, f, None, _prepare(vae), name)
         return caller.rebuild(result)
-    return wrapper
+    # the chunk/tile loop stays eager; calls into the model below it can still be compiled
+    return torch.compiler.disable(wrapper, recursive=False)
 
 
 def remove_autoencode_policy(vae) -> AutoencodeConfig | None:

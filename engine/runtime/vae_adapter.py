@@ -33,7 +33,7 @@ def posterior_of(raw):
 
 
 def as_moments(raw) -> torch.Tensor:
-    """Encode output -> ``cat(mean, logvar)`` on dim 1 (a plain tensor is a deterministic latent)."""
+    """Encode output -> ``cat(mean, logvar)`` on dim 1; a plain tensor is a deterministic latent."""
     dist = posterior_of(raw)
     if torch.is_tensor(dist):
         return dist
