@@ -15,7 +15,9 @@ import torch
 from ..runtime.autoencode import AEMode, decode_frames, encode_frames
 from ..sampling.ddim import sample_ddim
 from ..sampling.guidance import CFGDenoiser
-from ..sampling.schedule import ddim_timesteps
+import numpy as np
+
+from ..sampling.schedule import ddim_timesteps, make_betas
 from .conditioning import build_conditions, concat_latents, unet_call
 from .image_io import prepare_image
 from .options import GenerateOptions, resolve_options
@@ -51,6 +53,13 @@ def decode_latents(model, z: torch.Tensor, mode: AEMode) -> torch.Tensor:
     b, c, t, h, w = z.shape
     flat = (z / model.spec.scale_factor).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
     return decode_frames(model.first_stage_model, flat, mode).cpu()
+
+
+def training_alphas_cumprod(spec) -> np.ndarray:
+    """The float64 schedule: DynamiCrafter's DDIM computes its coefficients from it (the model's
+    float32 buffer differs by up to one ulp, which shifts the result by ~3e-5)."""
+    betas = make_betas(spec.timesteps, spec.linear_start, spec.linear_end, spec.rescale_betas_zero_snr)
+    return np.cumprod(1.0 - betas)
 
 
 def _images(opts: GenerateOptions, device, dtype) -> list[torch.Tensor]:
@@ -91,7 +100,7 @@ def generate(model, opts: GenerateOptions, device="cpu", progress: bool = True) 
     steps = ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing)
     t1 = time.perf_counter()
     latents = sample_ddim(denoiser, noise, steps, disable=not progress,
-                          alphas_cumprod=model.alphas_cumprod, parameterization=spec.parameterization,
+                          alphas_cumprod=training_alphas_cumprod(spec), parameterization=spec.parameterization,
                           eta=opts.eta, scale_arr=getattr(model, "scale_arr", None), generator=generator)
     timings["denoise"] = time.perf_counter() - t1
 
