@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from .commands import convert, generate, inspect
+from .commands import convert, generate, gpus, inspect, probe
 
-VERBS = {"generate": generate, "inspect": inspect, "convert": convert}
+VERBS = {"generate": generate, "inspect": inspect, "convert": convert, "probe": probe, "gpus": gpus}
 
 
 def build_parser() -> argparse.ArgumentParser:

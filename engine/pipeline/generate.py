@@ -10,13 +10,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..runtime.autoencode import AEMode, decode_frames, encode_frames
 from ..sampling.ddim import sample_ddim
 from ..sampling.guidance import CFGDenoiser
-import numpy as np
-
 from ..sampling.schedule import ddim_timesteps, make_betas
 from .conditioning import build_conditions, concat_latents, unet_call
 from .image_io import prepare_image
