@@ -122,6 +122,7 @@ class UNetModel(nn.Module):
 
     _block_modules = ("input_blocks", "middle_block", "output_blocks")
     _no_split_modules = ("UNetStage",)
+    _keep_in_fp32_modules = ("GroupNorm32",)  # normalises in fp32 by design (LVDM GroupNormSpecific)
 
     def __init__(self, p: UNetParams):
         super().__init__()
