@@ -18,6 +18,8 @@ from ..sampling.ddim import sample_ddim
 from ..sampling.guidance import CFGDenoiser
 from ..sampling.schedule import ddim_timesteps, make_betas
 from .conditioning import build_conditions, concat_latents, unet_call
+from ..runtime.precision import weight_dtype
+from .execution import attached
 from .image_io import prepare_image
 from .options import GenerateOptions, resolve_options
 
@@ -29,13 +31,6 @@ class GenerateResult:
     video: torch.Tensor  # [T, 3, H, W] in [-1, 1], on the CPU
     options: GenerateOptions
     timings: dict = field(default_factory=dict)
-
-
-def default_ae_modes(spec, opts: GenerateOptions) -> tuple[AEMode, AEMode]:
-    """Without a plan: the config's ``perframe_ae`` (per-frame or batched), unless the options force a mode."""
-    base = "per-frame" if spec.perframe_ae else "batched"
-    return (AEMode.parse(opts.ae_encode or base, argument="ae_encode"),
-            AEMode.parse(opts.ae_decode or base, argument="ae_decode"))
 
 
 @torch.no_grad()
@@ -69,43 +64,74 @@ def _images(opts: GenerateOptions, device, dtype) -> list[torch.Tensor]:
     return [first, prepare_image(second, opts.height, opts.width, "--image2").to(device, dtype)]
 
 
+def default_settings(spec, opts: GenerateOptions) -> dict:
+    """Without a plan: DynamiCrafter's behaviour on the CPU (fp32, ``perframe_ae`` from the config)."""
+    base = "per-frame" if spec.perframe_ae else "batched"
+    return {"dtype": "fp32", "attention": "sdpa", "cfg": "batched" if opts.cfg_batched else "sequential",
+            "offload": "none", "ae_encode": opts.ae_encode or base, "ae_decode": opts.ae_decode or base}
+
+
 @torch.no_grad()
-def generate(model, opts: GenerateOptions, device="cpu", progress: bool = True) -> GenerateResult:
-    """Run one image-to-video generation with ``model`` (a loaded LatentVisualDiffusion)."""
+def generate(model, opts: GenerateOptions, device="cpu", progress: bool = True,
+             settings: dict | None = None) -> GenerateResult:
+    """Run one image-to-video generation with ``model`` (a loaded LatentVisualDiffusion).
+
+    Args:
+        model: the container, e.g. from :func:`engine.pipeline.loading.load_model`.
+        opts: what to generate (validated here).
+        device: where to compute.
+        settings: a plan's ``settings`` (``plan.settings``); default: :func:`default_settings`.
+            Options that force an autoencoding mode override the plan's.
+    """
     spec = model.spec
     opts = resolve_options(opts, spec)
-    dtype = next(model.parameters()).dtype
+    settings = {**default_settings(spec, opts), **(settings or {})}
+    for key in ("ae_encode", "ae_decode"):
+        settings[key] = getattr(opts, key) or settings[key]
+    with attached(model, settings, device) as run:
+        return _run_stages(model, opts, run, progress)
+
+
+def _run_stages(model, opts: GenerateOptions, run, progress: bool) -> GenerateResult:
+    spec, device, s = model.spec, run.device, run.settings
+    dtype = weight_dtype(s["dtype"])  # inputs follow the weights (fp32 under autocast)
     generator = torch.Generator("cpu").manual_seed(opts.seed)
-    timings, t0 = {}, time.perf_counter()
-    ae_encode, ae_decode = default_ae_modes(spec, opts)
+    timings, clock = {}, time.perf_counter
+    ae_encode = AEMode.parse(s["ae_encode"], argument="ae_encode")
+    ae_decode = AEMode.parse(s["ae_decode"], argument="ae_decode")
 
+    t = clock()
     images = _images(opts, device, dtype)
-    z = encode_condition_latents(model, images, ae_encode, generator)
-    z_last = z[1:2] if opts.mode != "i2v" else None
-    c_concat = concat_latents(z[0:1], z_last, opts.frames, opts.mode)
-    timings["vae_encode"] = time.perf_counter() - t0
+    with run.stage("vae"):
+        z = encode_condition_latents(model, images, ae_encode, generator)
+    c_concat = concat_latents(z[0:1], z[1:2] if opts.mode != "i2v" else None, opts.frames, opts.mode)
+    timings["vae_encode"] = clock() - t
 
-    use_cfg = opts.cfg != 1.0
-    multi = use_cfg and opts.cfg_img is not None
-    cond, uncond, uncond_image = build_conditions(model, images[0], opts.prompt, c_concat, opts.fs,
-                                                  use_cfg, multi)
-    timings["conditioning"] = time.perf_counter() - t0 - timings["vae_encode"]
+    t = clock()
+    use_cfg, multi = opts.cfg != 1.0, opts.cfg != 1.0 and opts.cfg_img is not None
+    with run.stage("text_encoder", "image_encoder", "image_proj"):
+        cond, uncond, uncond_image = build_conditions(model, images[0], opts.prompt, c_concat, opts.fs,
+                                                      use_cfg, multi)
+    timings["conditioning"] = clock() - t
 
-    h, w = opts.height // spec.vae.downsample_factor, opts.width // spec.vae.downsample_factor
-    noise = torch.randn((1, spec.channels, opts.frames, h, w), generator=generator).to(device, dtype)
+    t = clock()
+    f = spec.vae.downsample_factor
+    noise = torch.randn((1, spec.channels, opts.frames, opts.height // f, opts.width // f),
+                        generator=generator).to(device, dtype)
     denoiser = CFGDenoiser(unet_call(model), cond, uncond if use_cfg else None, opts.cfg,
                            guidance_rescale=opts.guidance_rescale, uncond_image=uncond_image,
-                           cfg_img=opts.cfg_img, batched=opts.cfg_batched)
-    steps = ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing)
-    t1 = time.perf_counter()
-    latents = sample_ddim(denoiser, noise, steps, disable=not progress,
-                          alphas_cumprod=training_alphas_cumprod(spec), parameterization=spec.parameterization,
-                          eta=opts.eta, scale_arr=getattr(model, "scale_arr", None), generator=generator)
-    timings["denoise"] = time.perf_counter() - t1
+                           cfg_img=opts.cfg_img, batched=s["cfg"] == "batched")
+    with run.stage("unet"):
+        latents = sample_ddim(denoiser, noise, ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
+                              disable=not progress, alphas_cumprod=training_alphas_cumprod(spec),
+                              parameterization=spec.parameterization, eta=opts.eta,
+                              scale_arr=getattr(model, "scale_arr", None), generator=generator)
+    timings["denoise"] = clock() - t
 
-    t2 = time.perf_counter()
-    video = decode_latents(model, latents, ae_decode)
+    t = clock()
+    with run.stage("vae"):
+        video = decode_latents(model, latents, ae_decode)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
-    timings["vae_decode"] = time.perf_counter() - t2
-    return GenerateResult(video=video, options=opts, timings=timings)
+    timings["vae_decode"] = clock() - t
+    return GenerateResult(video=video.float(), options=opts, timings=timings)
