@@ -5,9 +5,10 @@ import argparse
 import logging
 import sys
 
-from .commands import convert, generate, gpus, inspect, probe
+from .commands import convert, generate, gpus, inspect, plan, probe
 
-VERBS = {"generate": generate, "inspect": inspect, "convert": convert, "probe": probe, "gpus": gpus}
+VERBS = {"generate": generate, "plan": plan, "inspect": inspect, "convert": convert, "probe": probe,
+         "gpus": gpus}
 
 
 def build_parser() -> argparse.ArgumentParser:

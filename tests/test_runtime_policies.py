@@ -96,21 +96,18 @@ def test_model_mode_stages_swap_components(model, inputs):
     assert pristine(model)
 
 
-def test_unchanged_pipeline_runs_every_mode_through_the_safety_net_hooks(model):
-    """generate() calls no onload(): the hooks on each component (and the VAE's encoder/decoder)
-    load it on first use, so a whole generation under offload equals the plain one exactly."""
-    from engine.pipeline.generate import generate
-    from engine.pipeline.image_io import EXAMPLE_IMAGE
-    from engine.pipeline.options import GenerateOptions
-
-    opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake", steps=2, height=64, width=96,
-                           frames=FRAMES)
-    reference = generate(model, opts, progress=False).video
+@torch.no_grad()
+def test_safety_net_hooks_onload_components_for_callers_that_never_call_onload(model, inputs):
+    """Code embedding one module calls no onload(): the hooks on each component (and the VAE's
+    encoder/decoder) load it on first use, so calls under offload equal the plain ones exactly."""
+    z = torch.randn(2, 4, LATENT, LATENT)
+    reference = (model.first_stage_model.decode(z), unet_out(model, inputs))
     for mode in ("model", "block"):
         handle = apply_offload(model, mode, device="cpu")
         try:
-            assert torch.equal(generate(model, opts, progress=False).video, reference)
-            assert handle.is_resident("vae") and not handle.is_resident("text_encoder")  # decoded last
+            assert torch.equal(model.first_stage_model.decode(z), reference[0])
+            assert torch.equal(unet_out(model, inputs), reference[1])
+            assert handle.is_resident("unet") or mode == "block"  # used last
         finally:
             remove_offload(model)
     assert pristine(model)

@@ -6,10 +6,8 @@ a CLIP without the text ``transformer`` (its token embedding, ln_final and proje
 """
 from __future__ import annotations
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP
 from torch import nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,10 +18,33 @@ def clip_config(arch: str | dict) -> dict:
     """open_clip's model config for a named architecture, or a custom config dict as is."""
     if isinstance(arch, dict):
         return arch
-    cfg = open_clip.get_model_config(arch)
+    cfg = _packaged_config(arch)
     if cfg is None:
         raise ValueError(f"`arch` {arch!r} is not an open_clip architecture; use e.g. 'ViT-H-14'.")
     return cfg
+
+
+def _packaged_config(arch: str) -> dict | None:
+    """Read open_clip's bundled ``model_configs/<arch>.json`` without importing open_clip (an
+    import costs seconds, and the planner needs only the shapes)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "model_configs" / f"{arch}.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            return {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg",
+                                                         "quick_gelu", "cast_dtype")}
+    return None
+
+
+def _clip(arch: str | dict):
+    from open_clip.model import CLIP
+
+    return CLIP(**clip_config(arch))
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -47,7 +68,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"`layer` {layer!r} is unknown; use 'last' or 'penultimate'.")
-        model = CLIP(**clip_config(arch))
+        model = _clip(arch)
         del model.visual
         self.model = model
         self.skip_last = 1 if layer == "penultimate" else 0
@@ -58,6 +79,8 @@ class TextEncoder(nn.Module):
 
     @staticmethod
     def tokenize(prompts: list[str]) -> torch.Tensor:
+        import open_clip
+
         return open_clip.tokenize(prompts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -100,7 +123,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, arch: str | dict = "ViT-H-14"):
         super().__init__()
-        model = CLIP(**clip_config(arch))
+        model = _clip(arch)
         del model.transformer
         self.model = model
         self.register_buffer("mean", torch.tensor(CLIP_MEAN), persistent=False)

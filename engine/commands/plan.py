@@ -1,0 +1,49 @@
+"""``engine plan``: predict memory and time for every stage and choose the settings."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="plan a run: memory and time per stage, chosen settings")
+    p.add_argument("--config", required=True, help="config YAML or built-in name: tiny, 256, 512, 1024")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--vram", help="plan for a card with this much memory, e.g. 8GiB (with --gpu: "
+                   "that card with this much memory)")
+    p.add_argument("--gpu", help="plan for a catalogued card (see `engine gpus`)")
+    p.add_argument("--reserve", help="memory to keep free (default max(1 GiB, 10%%))")
+    p.add_argument("--force", help="pin settings: key=value,... or `reference` (DynamiCrafter's own run)")
+    p.add_argument("--interp", action="store_true", help="interpolation: two frames are VAE-encoded")
+    p.add_argument("--json", action="store_true")
+
+
+def resolve_device(vram: str | None, gpu: str | None):
+    """``--gpu`` from the catalogue, ``--vram`` alone, or the probed device of this machine."""
+    from ..planner.device import catalog_device, nearest_catalog_device, parse_size, vram_device
+
+    if gpu:
+        card = catalog_device(gpu)
+        return vram_device(vram, like=card) if vram else card
+    if vram:
+        return vram_device(vram, like=nearest_catalog_device(parse_size(vram)))
+    from ..device import probe_device
+
+    return probe_device()
+
+
+def run(args) -> int:
+    from ..config import load_spec
+    from ..pipeline.options import GenerateOptions, resolve_options
+    from ..planner.device import parse_size
+    from ..planner.search import make_plan
+
+    spec = load_spec(args.config)
+    opts = resolve_options(GenerateOptions(height=args.height, width=args.width, frames=args.frames,
+                                           steps=args.steps), spec)
+    device = resolve_device(args.vram, args.gpu)
+    reserve = parse_size(args.reserve, "--reserve") if args.reserve else None
+    plan = make_plan(spec, opts.height, opts.width, opts.frames, device, force=args.force,
+                     reserve_bytes=reserve, steps=opts.steps, encoded_frames=2 if args.interp else 1)
+    print(plan.to_json() if args.json else plan.explain())
+    return 0

@@ -1,0 +1,38 @@
+"""``engine probe``: the device this machine offers, measured, and host RAM."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("probe", help="describe and briefly measure this machine's GPU (or CPU)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-measure", action="store_true", help="skip the micro-benchmarks")
+
+
+def run(args) -> int:
+    from ..device import host_memory, probe_device
+    from ..planner.device import format_bytes
+
+    spec = probe_device(measure=not args.no_measure)
+    info = {"device": spec.as_dict(), "host": host_memory()}
+    if spec.kind == "cpu":
+        info["note"] = "no NVIDIA driver or CUDA device found; plans are made for the CPU"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if "note" in info:
+        print(info["note"])
+    print(f"device    {spec.name} ({spec.kind})")
+    print(f"memory    {format_bytes(spec.total_bytes)} total"
+          + (f", {format_bytes(spec.free_bytes)} free" if spec.free_bytes is not None else ""))
+    if spec.compute_capability:
+        print(f"compute   capability {spec.compute_capability}, bf16 {'yes' if spec.bf16 else 'no'}")
+    for key, label in (("fp16_flops", "fp16 matmul"), ("fp32_flops", "fp32 matmul")):
+        if getattr(spec, key):
+            print(f"{label:<10}{getattr(spec, key) / 1e12:8.2f} TFLOP/s (measured)")
+    if spec.link_bandwidth:
+        print(f"link      {spec.link_bandwidth / 1e9:8.2f} GB/s host->device (measured)")
+    print(f"host RAM  {format_bytes(info['host']['total_bytes'])} total, "
+          f"{format_bytes(info['host']['available_bytes'])} available")
+    return 0

@@ -1,0 +1,136 @@
+"""``probe_device()``: what this machine offers, as a :class:`DeviceSpec` plus host facts.
+
+Measurements (matmul FLOP/s, host->device bytes/s) take a second or two and are cached per device
+in the engine cache directory, so later runs read them back.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import torch
+
+from ..planner.device import DeviceSpec
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "engine"))
+
+
+def host_memory() -> dict:
+    vm = psutil.virtual_memory()
+    return {"total_bytes": int(vm.total), "available_bytes": int(vm.available)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvml_facts(index: int) -> dict | None:
+    """Name, total and free memory from NVML; None when there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return {"name": name.decode() if isinstance(name, bytes) else name,
+                "total_bytes": int(mem.total), "free_bytes": int(mem.free),
+                "driver": str(pynvml.nvmlSystemGetDriverVersion())}
+    except Exception as exc:  # no library, no driver, no device: all mean "no NVIDIA GPU here"
+        log.info("NVML unavailable: %s", exc)
+        return None
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Dense matmul throughput in FLOP/s (best of ``repeats`` after a warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def measure_link_bandwidth(device: str, mib: int = 256) -> float:
+    """Pinned host -> device copy bandwidth in bytes/s."""
+    host = torch.empty(mib * 2 ** 20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * host.numel() / (time.perf_counter() - t0)
+
+
+def _cached_measurements(key: str, measure) -> dict:
+    path = cache_dir() / "devices" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    os.replace(tmp, path)
+    return values
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def probe_device(index: int = 0, measure: bool = True) -> DeviceSpec:
+    """The GPU at ``index`` when an NVIDIA driver and CUDA are present, otherwise the CPU."""
+    nvml = _nvml_facts(index)
+    if nvml is not None and torch.cuda.is_available():
+        return _probe_cuda(index, nvml, measure)
+    return _probe_cpu(measure)
+
+
+def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
+    dev = f"cuda:{index}"
+    props = torch.cuda.get_device_properties(index)
+    spec = DeviceSpec(name=nvml["name"], kind="cuda", total_bytes=nvml["total_bytes"],
+                      free_bytes=nvml["free_bytes"], bf16=torch.cuda.is_bf16_supported(),
+                      compute_capability=f"{props.major}.{props.minor}", source="probe")
+    if measure:
+        m = _cached_measurements(_slug(f"{nvml['name']}-{nvml['driver']}"), lambda: {
+            "fp16_flops": measure_matmul_flops(dev, torch.float16, 4096),
+            "fp32_flops": measure_matmul_flops(dev, torch.float32, 4096),
+            "link_bandwidth": measure_link_bandwidth(dev)})
+        spec = replace(spec, **m)
+    return spec
+
+
+def _probe_cpu(measure: bool) -> DeviceSpec:
+    mem = host_memory()
+    spec = DeviceSpec(name=_cpu_name(), kind="cpu", total_bytes=mem["total_bytes"],
+                      free_bytes=mem["available_bytes"], bf16=False, source="probe")
+    if measure:
+        key = _slug(f"cpu-{spec.name}-{os.cpu_count()}-{torch.__version__}")
+        m = _cached_measurements(key, lambda: {"fp32_flops": measure_matmul_flops("cpu", torch.float32, 1024)})
+        spec = replace(spec, **m)
+    return spec

@@ -1,0 +1,72 @@
+"""Per-stage memory and time for one candidate :class:`Settings` (pure Python over estimates).
+
+Memory of a stage, as the driver would show it::
+
+    peak_bytes = cuda_context + reserved
+    reserved   = allocated + allocator slack                  (cache emptied before the stage)
+               = max(previous reserved, allocated + slack)   (cache kept: blocks carried over)
+    allocated  = resident weights + carried tensors + the stage's activation peak
+
+Time of a stage: a roofline over the stage's FLOPs and bytes (device throughput and memory
+bandwidth), plus host<->device weight transfers for offloaded components.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGE_COMPONENTS = {
+    "text_encode": ("text_encoder",),
+    "image_encode": ("image_encoder", "image_proj"),
+    "vae_encode": ("vae",),
+    "denoise": ("unet",),
+    "vae_decode": ("vae",),
+}
+
+
+@dataclass(frozen=True)
+class DeviceTerms:
+    """Device overheads kept as separate, named terms (never folded into the estimates)."""
+
+    cuda_context_bytes: int
+    allocator_slack_fraction: float   # reserved/allocated - 1 inside one stage
+    context_measured: bool
+    slack_measured: bool
+
+
+def resident_bytes(stage: str, weights: dict[str, int], offload: str, block_resident: int) -> int:
+    """Weight bytes on the device while ``stage`` runs."""
+    if offload == "none":
+        return sum(weights.values())
+    if offload == "block" and stage == "denoise":
+        return block_resident
+    return sum(weights[c] for c in STAGE_COMPONENTS[stage])
+
+
+def transfer_bytes(stage: str, weights: dict[str, int], offload: str, unet_calls: int) -> int:
+    """Host->device weight bytes a stage moves (model-level: once; block-level: every UNet call)."""
+    if offload == "none":
+        return 0
+    moved = sum(weights[c] for c in STAGE_COMPONENTS[stage])
+    return moved * unet_calls if (offload == "block" and stage == "denoise") else moved
+
+
+def roofline_seconds(flops: float, bytes_moved: float, flops_rate: float | None,
+                     bandwidth: float | None) -> float:
+    compute = flops / flops_rate if flops_rate else 0.0
+    memory = bytes_moved / bandwidth if bandwidth else 0.0
+    return max(compute, memory)
+
+
+def reserved_after(allocated: int, previous_reserved: int, previous_live: int, terms: DeviceTerms,
+                   empty_cache: bool) -> int:
+    """The caching allocator's reserved memory at this stage's peak.
+
+    Emptied before the stage: this stage's blocks plus slack. Kept: the blocks earlier stages
+    freed stay reserved (``previous_reserved - previous_live``); this stage's activations have
+    other shapes, so we assume none of them reuse those blocks: an upper bound on the growth a run
+    shows when the cache is never released (e.g. a driver that spills instead of refusing).
+    """
+    own = int(allocated * (1.0 + terms.allocator_slack_fraction))
+    if empty_cache:
+        return own
+    return max(0, previous_reserved - previous_live) + own

@@ -1,0 +1,185 @@
+"""The estimators one plan needs, bundled per (model, device) and cached in-process.
+
+Everything here answers in microseconds once the fits are on disk: the stage laws
+(:mod:`engine.estimate.stages`), the VAE memory laws (:mod:`engine.estimate.vae`), an
+autoencoding time model (calibrated on this machine when a calibration is cached, otherwise
+derived from the device's FLOP rate), and the device overhead terms.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from .costs import DeviceTerms
+from .device import GIB, DeviceSpec
+
+log = logging.getLogger(__name__)
+
+# Not measurable without the card: used only when no probe measurement exists, and reported in
+# every plan's assumptions. A CUDA context with cuBLAS/cuDNN loaded occupies hundreds of MiB.
+ASSUMED_CUDA_CONTEXT = GIB // 2
+ASSUMED_PER_CALL_S = 2e-3  # kernel launches of one VAE call on a GPU we cannot time
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """What the planner reads from any stage estimate."""
+
+    activation_bytes: int
+    flops: float
+    bytes_moved: float
+    allocator_bytes: int = 0
+    mode: object = None
+    time_s: float | None = None
+
+
+def _precision_dtype(precision: str):
+    import torch
+
+    return torch.float32 if precision in ("fp32", "fp32-autocast") else torch.float16
+
+
+_BUNDLES: dict = {}
+
+
+class Estimators:
+    """Stage, VAE-memory and VAE-time models for one spec on one device."""
+
+    def __init__(self, spec, device: DeviceSpec):
+        from ..estimate.stages import StageEstimator
+
+        self.spec, self.device = spec, device
+        self.device_type = "cpu" if device.kind == "cpu" else "cuda"
+        self.stages = StageEstimator(spec, device_type=self.device_type)
+        self._vae_memory, self._vae_time, self._notes = {}, {}, []
+
+    @classmethod
+    def for_spec(cls, spec, device: DeviceSpec) -> Estimators:
+        """One bundle per (config file, device) in this process: warm plans reuse loaded fits."""
+        key = (spec.source, spec.name, device)
+        if key not in _BUNDLES:
+            _BUNDLES[key] = cls(spec, device)
+        return _BUNDLES[key]
+
+    # -- weights and device terms -----------------------------------------------------------
+    def weights(self, precision: str) -> dict[str, int]:
+        return self.stages.component_weight_bytes("fp32" if precision == "fp32-autocast" else precision)
+
+    def block_resident_bytes(self, precision: str) -> int:
+        """Block offload keeps at most two consecutive UNet units on the device."""
+        from ..runtime.offload_units import offload_units
+
+        units = [b for _, b in offload_units(self._meta_model(), "block", _precision_dtype(precision))
+                 if b > 0]
+        return max((a + b for a, b in zip(units, units[1:])), default=sum(units))
+
+    @functools.lru_cache(maxsize=1)
+    def _meta_model(self):
+        import torch
+
+        from ..models.unet import UNetModel
+
+        with torch.device("meta"):
+            return UNetModel(self.spec.unet)
+
+    def device_terms(self) -> DeviceTerms:
+        if self.device.kind == "cpu":
+            return DeviceTerms(0, 0.0, True, True)
+        measured = getattr(self.device, "context_bytes", None)
+        return DeviceTerms(measured or ASSUMED_CUDA_CONTEXT, 0.0, measured is not None, False)
+
+    def carried_bytes(self, w) -> int:
+        """Latents, conditioning and noise alive across stages (fp32; small next to weights)."""
+        f = self.spec.vae.downsample_factor
+        latent = 4 * w.frames * (w.height // f) * (w.width // f) * 4
+        context = (77 + 16 * w.frames) * self.spec.unet.context_dim * 4 * (2 if w.guidance else 1)
+        return 3 * latent + context  # x, c_concat, noise
+
+    def autocast_cache_bytes(self) -> int:
+        e = self.stages.estimate("denoise", height=self.spec.default_height_width[0],
+                                 width=self.spec.default_height_width[1], frames=self.spec.frames,
+                                 precision="fp32-autocast", attention="xformers/naive", cfg_batch=1)
+        return int(e.terms.get("autocast_weight_cache_bytes", 0))
+
+    # -- stages ------------------------------------------------------------------------------
+    def stage(self, name: str, *, height, width, frames, precision, attention, cfg_batch, guidance) -> StageWork:
+        # the encoders run the prompt and the empty prompt (the image and the zero image) together
+        batch = cfg_batch if name == "denoise" else (2 if guidance else 1)
+        attention = attention if name == "denoise" else "sdpa"  # CLIP has its own attention
+        e = self.stages.estimate(name, height=height, width=width, frames=frames,
+                                 precision=precision, attention=attention, cfg_batch=batch)
+        return StageWork(e.activation_bytes, e.flops, e.bytes_moved)
+
+    def _vae(self, precision: str):
+        from ..estimate.vae import VAEMemoryModel
+
+        key = "fp32" if precision in ("fp32", "fp32-autocast") else "half"
+        if key not in self._vae_memory:
+            vae = self._meta_vae()
+            self._vae_memory[key] = VAEMemoryModel.for_vae(vae, device_type=self.device_type,
+                                                           dtype=_precision_dtype(precision))
+        return self._vae_memory[key]
+
+    @functools.lru_cache(maxsize=1)
+    def _meta_vae(self):
+        from ..models.autoencoder import AutoencoderKL
+        import torch
+
+        with torch.device("meta"):
+            return AutoencoderKL(self.spec.vae)
+
+    def _time_model(self, precision: str):
+        from ..estimate.timing import AETimeModel
+
+        if precision not in self._vae_time:
+            rate = (self.device.fp32_flops if precision in ("fp32", "fp32-autocast") or self.device.kind == "cpu"
+                    else self.device.fp16_flops) or self.device.fp32_flops or 1e12
+            self._vae_time[precision] = AETimeModel.from_flops(
+                rate, ASSUMED_PER_CALL_S if self.device.kind == "cuda" else 0.0,
+                flop_terms=self._vae_flop_terms(precision),
+                bandwidth_bytes_per_s=self.device.mem_bandwidth,
+                dtype_bytes=4 if precision in ("fp32", "fp32-autocast") else 2, device=self.device.name)
+        return self._vae_time[precision]
+
+    def _vae_flop_terms(self, precision: str) -> dict:
+        """Per-frame FLOPs as ``a*hw + b*hw^2`` over latent pixels, read off the VAE memory
+        model's FLOP laws at two sizes (no extra trace)."""
+        f, mem, terms = self.spec.vae.downsample_factor, self._vae(precision), {}
+        for direction in ("decode", "encode"):
+            (h1, y1), (h2, y2) = [(s * s, mem.flops(direction, 1, s * f, s * f, "batched")) for s in (16, 64)]
+            b = (y2 / h2 - y1 / h1) / (h2 - h1)
+            terms[direction] = (y1 / h1 - b * h1, b)
+        return terms
+
+    def autoencode(self, direction, frames, height, width, precision, *, forced, budget_bytes,
+                   resident_bytes) -> StageWork:
+        """The AE planner's choice (or the forced mode's prediction) as a :class:`StageWork`."""
+        from ..planner.autoencode import InfeasibleBudget, force_mode, plan_autoencoding
+
+        args = dict(budget_bytes=max(1, budget_bytes), resident_bytes=resident_bytes,
+                    memory_model=self._vae(precision), time_model=self._time_model(precision),
+                    downsample=self.spec.vae.downsample_factor)
+        try:
+            choice = (force_mode(direction, frames, height, width, forced, **args) if forced
+                      else plan_autoencoding(direction, frames, height, width, **args))
+        except InfeasibleBudget as exc:  # report the least-memory mode; the caller rejects the plan
+            choice = force_mode(direction, frames, height, width, exc.mode, **args)
+        vae_weights = self._vae(precision).weights_bytes
+        # the AE model counts the VAE's weights itself; the planner counts them as resident
+        act = choice.allocated_bytes - vae_weights
+        return StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
+
+    def assumptions(self) -> list[str]:
+        notes = []
+        if self.device.kind == "cuda":
+            t = self.device_terms()
+            if not t.context_measured:
+                notes.append(f"CUDA context not measured on this card: {ASSUMED_CUDA_CONTEXT / GIB:.2f} GiB "
+                             "assumed (run `engine probe` on the card to measure it)")
+            notes.append("allocator: per-stage reserved = allocated + segment rounding; cached blocks "
+                         "carried between stages when the cache is not emptied (upper bound)")
+            if self.device.source != "probe":
+                notes.append("times are a roofline over the catalogue's datasheet throughput "
+                             "(uncalibrated for this card)")
+        return notes

@@ -1,0 +1,165 @@
+"""The planner: minimise predicted time subject to the predicted peak fitting the budget at every
+stage; explain the choice. Pure Python over the estimators' numbers.
+
+Example:
+    >>> plan = make_plan(load_spec("1024"), 576, 1024, 16, catalog_device("rtx-4090-laptop"))
+    >>> print(plan.explain())
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, replace
+
+from .costs import (DeviceTerms, reserved_after, resident_bytes, roofline_seconds,
+                    transfer_bytes)
+from .device import DeviceSpec, default_reserve, format_bytes
+from .plan import STAGE_ORDER, Plan, StagePlan
+from .settings import (CFG_MODES, OFFLOADS, Settings, apply_forced,
+                       parse_force, reference_settings)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one generation asks for."""
+
+    height: int
+    width: int
+    frames: int
+    steps: int = 50
+    guidance: bool = True          # CFG on (scale != 1)
+    encoded_frames: int = 1        # 1 for I2V, 2 for interpolation; the reference encodes all frames
+
+
+# Searched by default: fused attention keeps no score matrix, so on our estimates the naive and
+# query-chunked paths never use less memory and are never faster; they stay available via --force.
+SEARCHED_ATTENTION = ("sdpa",)
+
+
+def candidate_settings(device: DeviceSpec, forced: dict, reference: bool, spec) -> list[Settings]:
+    """Every point of the plan space the device supports, with forced keys pinned."""
+    if reference:
+        return [apply_forced(reference_settings(spec), forced)]
+    # fp32 weights under autocast cost twice the weight memory of fp16 at the same speed: searched
+    # only when forced (or as part of the reference)
+    dtypes = ["fp32"] if device.kind == "cpu" else [d for d in ("fp16", "bf16") if device.bf16 or d != "bf16"]
+    combos = itertools.product(dtypes, SEARCHED_ATTENTION, CFG_MODES, OFFLOADS)
+    out = [apply_forced(Settings(dtype=d, attention=a, cfg=c, offload=o), forced) for d, a, c, o in combos]
+    return list(dict.fromkeys(out))  # forced keys collapse duplicates
+
+
+def _unet_calls(s: Settings, w: Workload) -> tuple[int, int]:
+    """(UNet calls per step, batch of each call)."""
+    branches = 2 if w.guidance else 1
+    return (1, branches) if s.cfg == "batched" else (branches, 1)
+
+
+def _flops_rate(device: DeviceSpec, dtype: str) -> float | None:
+    if device.kind == "cpu" or dtype == "fp32":
+        return device.fp32_flops or device.fp16_flops
+    return device.fp16_flops or device.fp32_flops
+
+
+def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *, force: str | None = None,
+              reserve_bytes: int | None = None, steps: int = 50, guidance: bool = True,
+              encoded_frames: int = 1, host_bytes: int | None = None, estimators=None) -> Plan:
+    """Choose the fastest predicted settings whose every stage fits ``device`` minus the reserve.
+
+    Args:
+        spec: the model spec (``engine.config.load_spec``).
+        height, width, frames: the video to generate.
+        device: a probed, catalogued or ``--vram`` device.
+        force: ``key=value,...`` settings to pin, or ``reference`` (DynamiCrafter's execution),
+            combinable: ``reference,ae_decode=batched``. Forced plans are predicted even if they
+            do not fit.
+        reserve_bytes: memory kept free (default max(1 GiB, 10 %)).
+        host_bytes: host RAM available for offloaded weights (None: not checked).
+        estimators: an ``engine.planner.estimators.Estimators`` (built and cached if None).
+    """
+    from .estimators import Estimators
+
+    t0 = time.perf_counter()
+    forced, reference = parse_force(force, spec)
+    reserve = default_reserve(device, reserve_bytes)
+    budget = device.total_bytes - reserve
+    if budget <= 0:
+        raise ValueError(f"`--reserve` {format_bytes(reserve)} leaves no memory on a "
+                         f"{format_bytes(device.total_bytes)} device; lower the reserve.")
+    est = estimators or Estimators.for_spec(spec, device)
+    work = Workload(height, width, frames, steps, guidance, frames if reference else encoded_frames)
+    fitting, rejected = [], []
+    for cand in candidate_settings(device, forced, reference, spec):
+        chosen, stages, reason = evaluate(spec, cand, work, device, budget, est, host_bytes)
+        (rejected if reason else fitting).append((chosen, stages, reason))
+    if fitting:  # fastest; ties prefer batched CFG (fewer calls) by the stable sort order
+        best, stages, _ = min(fitting, key=lambda e: sum(x.time_s for x in e[1]))
+    elif forced or reference:  # a forced plan that does not fit is still predicted and explained
+        best, stages, _ = min(rejected, key=lambda e: max(x.peak_bytes for x in e[1]))
+    else:
+        raise _infeasible(rejected, budget, device)
+    return Plan(config=spec.name, height=height, width=width, frames=frames, device=device,
+                budget_bytes=budget, reserve_bytes=reserve, settings=best.as_dict(), stages=tuple(stages),
+                forced=tuple(["reference"] if reference else []) + tuple(f"{k}={v}" for k, v in forced.items()),
+                rejected=tuple({"settings": s.as_dict(), "reason": r} for s, _, r in rejected[:30]),
+                planning_ms=(time.perf_counter() - t0) * 1e3, assumptions=tuple(est.assumptions()))
+
+
+def _infeasible(rejected, budget, device) -> ValueError:
+    need = min((max(x.peak_bytes for x in stages) for _, stages, _ in rejected), default=0)
+    return ValueError(f"`--vram` budget {format_bytes(budget)} on {device.name} is below the "
+                      f"{format_bytes(need)} the smallest plan needs; use a larger card, a smaller "
+                      "`--reserve`, or a lower resolution or frame count.")
+
+
+def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident: int):
+    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes) of a stage."""
+    calls, batch = _unet_calls(s, w)
+    if name in ("vae_encode", "vae_decode"):
+        direction = "encode" if name == "vae_encode" else "decode"
+        frames = w.encoded_frames if direction == "encode" else w.frames
+        forced = s.ae_encode if direction == "encode" else s.ae_decode
+        ch = est.autoencode(direction, frames, w.height, w.width, s.dtype, forced=forced,
+                            budget_bytes=budget_left, resident_bytes=resident)
+        return ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s
+    attention = "xformers/naive" if s.reference else s.attention  # DynamiCrafter: temporal stays naive
+    e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.dtype,
+                  attention=attention, cfg_batch=batch, guidance=w.guidance)
+    return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
+
+
+def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes):
+    """Predict every stage of candidate ``s``; returns (settings with AE modes, stages, reason or None)."""
+    weights = est.weights(s.dtype)
+    terms: DeviceTerms = est.device_terms()
+    calls, _ = _unet_calls(s, w)
+    unet_calls = calls * w.steps
+    block_res = est.block_resident_bytes(s.dtype) if s.offload == "block" else 0
+    carried = est.carried_bytes(w)
+    prev_reserved = prev_live = 0
+    stages, reason, modes = [], None, {}
+    for name in STAGE_ORDER:
+        resident = resident_bytes(name, weights, s.offload, block_res) + carried
+        if s.reference and name in ("denoise", "vae_decode"):
+            resident += est.autocast_cache_bytes()  # fp16 weight copies autocast keeps (see estimators)
+        cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
+        left = budget - terms.cuda_context_bytes - cached_free
+        act, flops, moved, mode, alloc_extra, ae_time = _stage_work(name, s, w, est, left, resident)
+        allocated = resident + act
+        reserved = reserved_after(allocated + alloc_extra, prev_reserved, prev_live, terms, s.empty_cache)
+        peak = terms.cuda_context_bytes + reserved
+        n = unet_calls if name == "denoise" else 1
+        t = ae_time if ae_time is not None else n * roofline_seconds(
+            flops, moved, _flops_rate(device, s.dtype), device.mem_bandwidth)
+        t += transfer_bytes(name, weights, s.offload, unet_calls) / (device.link_bandwidth or float("inf"))
+        if mode is not None:
+            modes["ae_encode" if name == "vae_encode" else "ae_decode"] = str(mode)
+        note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
+        stages.append(StagePlan(name, peak, allocated, t, {
+            "cuda_context": terms.cuda_context_bytes, "weights": resident - carried, "carried": carried,
+            "activations": act, "allocator": reserved - allocated}, note))
+        if reason is None and peak > budget:
+            reason = f"{name} needs {format_bytes(peak)} > budget {format_bytes(budget)}"
+        prev_reserved, prev_live = reserved, resident
+    if reason is None and s.offload != "none" and host_bytes is not None and sum(weights.values()) > host_bytes:
+        reason = f"offload needs {format_bytes(sum(weights.values()))} of host RAM > {format_bytes(host_bytes)} free"
+    return replace(s, **modes), stages, reason
