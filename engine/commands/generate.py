@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--perframe-ae", dest="perframe_ae", action=argparse.BooleanOptionalAction, default=None,
                    help="force one frame per VAE call (or, with --no-perframe-ae, all frames at once)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--force", help="pin plan settings: key=value,... or `reference` (see `engine plan`)")
+    p.add_argument("--reserve", help="device memory to keep free (default max(1 GiB, 10%%))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -43,16 +45,46 @@ def _options(args, GenerateOptions, is_demo: bool):
         ae_encode=forced, ae_decode=forced)
 
 
+def plan_for(args, spec, opts):
+    """Plan the run for the device it will use; ``--perframe-ae`` becomes a forced setting."""
+    from ..device import probe_device
+    from ..planner.device import parse_size
+    from ..planner.search import make_plan
+
+    force = [args.force] if args.force else []
+    if args.perframe_ae is not None:
+        mode = "per-frame" if args.perframe_ae else "batched"
+        force.append(f"ae_encode={mode},ae_decode={mode}")
+    index = int(args.device.split(":")[1]) if args.device.startswith("cuda:") else 0
+    device = probe_device(index) if args.device.startswith("cuda") else probe_device(measure=True)
+    if args.device.startswith("cuda") and device.kind != "cuda":
+        raise ValueError(f"`--device` {args.device!r} is not available here (no CUDA device found); "
+                         "use --device cpu.")
+    return make_plan(spec, opts.height, opts.width, opts.frames, device, force=",".join(force) or None,
+                     reserve_bytes=parse_size(args.reserve, "--reserve") if args.reserve else None,
+                     steps=opts.steps, guidance=opts.cfg != 1.0,
+                     encoded_frames=1 if opts.mode == "i2v" else 2)
+
+
 def run(args) -> int:
+    from ..config import load_spec
     from ..pipeline.generate import generate
     from ..pipeline.loading import load_model
-    from ..pipeline.options import GenerateOptions
+    from ..pipeline.options import GenerateOptions, resolve_options
     from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
 
     is_demo = args.ckpt is None and args.image is None
-    opts = _options(args, GenerateOptions, is_demo)
-    model = load_model(args.config, args.ckpt, device=args.device)
-    result = generate(model, opts, device=args.device, progress=not args.quiet)
+    spec = load_spec(args.config)
+    opts = resolve_options(_options(args, GenerateOptions, is_demo), spec)
+    plan = plan_for(args, spec, opts)  # before loading: a run that cannot fit fails in seconds
+    if not plan.fits:
+        raise ValueError(f"`--force` {args.force or ''} is predicted to need {plan.peak_bytes / 2**30:.2f} GiB "
+                         f"of the {plan.budget_bytes / 2**30:.2f} GiB budget; drop the forced settings "
+                         "or raise `--reserve`.")
+    print("plan: " + ", ".join(f"{k}={v}" for k, v in plan.settings.items())
+          + f"; predicted peak {plan.peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB")
+    model = load_model(spec.source, args.ckpt, device=args.device)
+    result = generate(model, opts, device=args.device, progress=not args.quiet, settings=dict(plan.settings))
     frames = to_uint8_frames(result.video)
     out = write_mp4(frames, Path(args.out), fps=opts.fps)
     if args.png_dir:

@@ -359,6 +359,6 @@ def force_mode(direction: str, frames: int, height: int, width: int, mode: AEMod
                        resident_bytes=resident_bytes, memory_model=memory_model,
                        time_model=time_model, forced=True)
     if not choice.fits:
-        logger.warning("forced %s=%s is predicted to need %s, over the %s budget", argument,
+        logger.info("forced %s=%s is predicted to need %s, over the %s budget", argument,
                        parsed, format_bytes(choice.peak_bytes), format_bytes(budget_bytes))
     return choice

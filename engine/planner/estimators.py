@@ -66,6 +66,7 @@ class Estimators:
     def weights(self, precision: str) -> dict[str, int]:
         return self.stages.component_weight_bytes("fp32" if precision == "fp32-autocast" else precision)
 
+    @functools.lru_cache(maxsize=4)
     def block_resident_bytes(self, precision: str) -> int:
         """Block offload keeps at most two consecutive UNet units on the device."""
         from ..runtime.offload_units import offload_units
@@ -133,8 +134,10 @@ class Estimators:
         from ..estimate.timing import AETimeModel
 
         if precision not in self._vae_time:
-            rate = (self.device.fp32_flops if precision in ("fp32", "fp32-autocast") or self.device.kind == "cpu"
-                    else self.device.fp16_flops) or self.device.fp32_flops or 1e12
+            # autocast runs the convolutions in fp16: the fp16 rate applies to it too
+            half = precision != "fp32" and self.device.kind == "cuda"
+            rate = (self.device.fp16_flops if half else self.device.fp32_flops) or \
+                self.device.fp16_flops or self.device.fp32_flops
             self._vae_time[precision] = AETimeModel.from_flops(
                 rate, ASSUMED_PER_CALL_S if self.device.kind == "cuda" else 0.0,
                 flop_terms=self._vae_flop_terms(precision),
@@ -157,7 +160,10 @@ class Estimators:
         """The AE planner's choice (or the forced mode's prediction) as a :class:`StageWork`."""
         from ..planner.autoencode import InfeasibleBudget, force_mode, plan_autoencoding
 
-        args = dict(budget_bytes=max(1, budget_bytes), resident_bytes=resident_bytes,
+        vae_weights = self._vae(precision).weights_bytes
+        # the AE memory model counts the VAE's own weights and input; the planner's resident
+        # bytes include the VAE weights, so they are taken out here and added back below
+        args = dict(budget_bytes=max(1, budget_bytes), resident_bytes=max(0, resident_bytes - vae_weights),
                     memory_model=self._vae(precision), time_model=self._time_model(precision),
                     downsample=self.spec.vae.downsample_factor)
         try:
@@ -165,9 +171,7 @@ class Estimators:
                       else plan_autoencoding(direction, frames, height, width, **args))
         except InfeasibleBudget as exc:  # report the least-memory mode; the caller rejects the plan
             choice = force_mode(direction, frames, height, width, exc.mode, **args)
-        vae_weights = self._vae(precision).weights_bytes
-        # the AE model counts the VAE's weights itself; the planner counts them as resident
-        act = choice.allocated_bytes - vae_weights
+        act = choice.allocated_bytes - vae_weights  # input + activations + workspace
         return StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
 
     def assumptions(self) -> list[str]:

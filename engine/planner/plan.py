@@ -104,6 +104,11 @@ class Plan:
             lines.append(f"  {s.name:<14}{format_bytes(s.peak_bytes):>12}{format_bytes(s.allocated_bytes):>12}"
                          f"{s.time_s:>9.2f}s" + (f"  {s.note}" if s.note else ""))
         verdict = "fits" if self.fits else "DOES NOT FIT"
+        for s in self.stages:
+            if s.peak_bytes > self.budget_bytes:
+                parts = " + ".join(f"{k} {format_bytes(v)}" for k, v in s.terms.items() if v)
+                lines.append(f"  why: {s.name} needs {format_bytes(s.peak_bytes)} = {parts} "
+                             f"> budget {format_bytes(self.budget_bytes)}")
         lines.append(f"  peak {format_bytes(self.peak_bytes)} vs budget {format_bytes(self.budget_bytes)}: "
                      f"{verdict}; predicted time {self.time_s:.1f} s; planned in {self.planning_ms:.0f} ms")
         for r in self.rejected[:8]:

@@ -55,6 +55,7 @@ def _unet_calls(s: Settings, w: Workload) -> tuple[int, int]:
 
 
 def _flops_rate(device: DeviceSpec, dtype: str) -> float | None:
+    """fp16 and bf16 run on the tensor cores, and so do autocast's fp16 matmuls."""
     if device.kind == "cpu" or dtype == "fp32":
         return device.fp32_flops or device.fp16_flops
     return device.fp16_flops or device.fp32_flops
@@ -82,6 +83,8 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     forced, reference = parse_force(force, spec)
     reserve = default_reserve(device, reserve_bytes)
     budget = device.total_bytes - reserve
+    if device.free_bytes is not None:  # a probed device: what other programs hold is not ours
+        budget = min(budget, device.free_bytes)
     if budget <= 0:
         raise ValueError(f"`--reserve` {format_bytes(reserve)} leaves no memory on a "
                          f"{format_bytes(device.total_bytes)} device; lower the reserve.")
@@ -138,9 +141,9 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
     prev_reserved = prev_live = 0
     stages, reason, modes = [], None, {}
     for name in STAGE_ORDER:
-        resident = resident_bytes(name, weights, s.offload, block_res) + carried
-        if s.reference and name in ("denoise", "vae_decode"):
-            resident += est.autocast_cache_bytes()  # fp16 weight copies autocast keeps (see estimators)
+        weights_on = resident_bytes(name, weights, s.offload, block_res)
+        cache = est.autocast_cache_bytes() if s.reference and name in ("denoise", "vae_decode") else 0
+        resident = weights_on + carried + cache  # autocast keeps fp16 weight copies (see estimators)
         cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
         left = budget - terms.cuda_context_bytes - cached_free
         act, flops, moved, mode, alloc_extra, ae_time = _stage_work(name, s, w, est, left, resident)
@@ -155,8 +158,9 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
             modes["ae_encode" if name == "vae_encode" else "ae_decode"] = str(mode)
         note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
         stages.append(StagePlan(name, peak, allocated, t, {
-            "cuda_context": terms.cuda_context_bytes, "weights": resident - carried, "carried": carried,
-            "activations": act, "allocator": reserved - allocated}, note))
+            "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
+            "carried": carried, "activations": act, "cached_blocks": reserved - allocated - alloc_extra,
+            "allocator": alloc_extra}, note))
         if reason is None and peak > budget:
             reason = f"{name} needs {format_bytes(peak)} > budget {format_bytes(budget)}"
         prev_reserved, prev_live = reserved, resident
