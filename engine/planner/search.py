@@ -94,8 +94,8 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     for cand in candidate_settings(device, forced, reference, spec):
         chosen, stages, reason = evaluate(spec, cand, work, device, budget, est, host_bytes)
         (rejected if reason else fitting).append((chosen, stages, reason))
-    if fitting:  # fastest; ties prefer batched CFG (fewer calls) by the stable sort order
-        best, stages, _ = min(fitting, key=lambda e: sum(x.time_s for x in e[1]))
+    if fitting:
+        best, stages, _ = _fastest(fitting)
     elif forced or reference:  # a forced plan that does not fit is still predicted and explained
         best, stages, _ = min(rejected, key=lambda e: max(x.peak_bytes for x in e[1]))
     else:
@@ -105,6 +105,21 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
                 forced=tuple(["reference"] if reference else []) + tuple(f"{k}={v}" for k, v in forced.items()),
                 rejected=tuple({"settings": s.as_dict(), "reason": r} for s, _, r in rejected[:30]),
                 planning_ms=(time.perf_counter() - t0) * 1e3, assumptions=tuple(est.assumptions()))
+
+
+TIE_TOLERANCE = 0.01  # predicted times this close are within the time model's own error
+
+
+def _preference(s: Settings) -> tuple:
+    """Among tied plans: fewer weight moves, fewer UNet calls, fp16 (how the model was run)."""
+    return (OFFLOADS.index(s.offload), s.cfg != "batched", s.dtype != "fp16")
+
+
+def _fastest(fitting):
+    total = lambda e: sum(x.time_s for x in e[1])  # noqa: E731
+    fastest = min(total(e) for e in fitting)
+    tied = [e for e in fitting if total(e) <= fastest * (1 + TIE_TOLERANCE)]
+    return min(tied, key=lambda e: _preference(e[0]))
 
 
 def _infeasible(rejected, budget, device) -> ValueError:
