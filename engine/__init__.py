@@ -1,0 +1,44 @@
+"""engine: adaptive, memory-aware inference for DynamiCrafter-class image-to-video models.
+
+The public API (imported lazily, so ``import engine`` is cheap)::
+
+    from engine import load_spec, load_model, make_plan, catalog_device, generate, GenerateOptions
+
+    spec = load_spec("512")                                   # or a DynamiCrafter YAML path
+    plan = make_plan(spec, 320, 512, 16, catalog_device("rtx-4060-laptop"))
+    print(plan.explain())                                     # or plan.to_json()
+    model = load_model("512", "model.ckpt", device="cuda")
+    video = generate(model, GenerateOptions(image="cat.png", prompt="a cat"), device="cuda",
+                     settings=dict(plan.settings)).video     # [T, 3, H, W] in [-1, 1]
+
+The memory-aware pieces also work on someone else's modules: ``apply_autoencode_policy`` /
+``decode_frames`` / ``encode_frames`` on any VAE with ``encode``/``decode``, ``VAEMemoryModel``
+to predict a VAE's peak, ``apply_offload`` on any container, ``trace_call`` on any call.
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_spec": "engine.config", "ModelSpec": "engine.config",
+    "load_model": "engine.pipeline.loading",
+    "generate": "engine.pipeline.generate", "GenerateResult": "engine.pipeline.generate",
+    "GenerateOptions": "engine.pipeline.options",
+    "make_plan": "engine.planner.search", "Plan": "engine.planner.plan",
+    "catalog_device": "engine.planner.device", "vram_device": "engine.planner.device",
+    "DeviceSpec": "engine.planner.device", "probe_device": "engine.device",
+    "AEMode": "engine.runtime.aemode", "apply_autoencode_policy": "engine.runtime.autoencode",
+    "remove_autoencode_policy": "engine.runtime.autoencode",
+    "decode_frames": "engine.runtime.autoencode", "encode_frames": "engine.runtime.autoencode",
+    "apply_offload": "engine.runtime.offload", "remove_offload": "engine.runtime.offload",
+    "set_attention_backend": "engine.runtime.attention",
+    "VAEMemoryModel": "engine.estimate.vae", "StageEstimator": "engine.estimate.stages",
+    "trace_call": "engine.estimate.trace",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
