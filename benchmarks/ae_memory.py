@@ -144,14 +144,9 @@ def _measure_cuda(fn, device) -> dict:
 # ---------------------------------------------------------------- parent: grid and table
 def machine_info(device: str) -> dict:
     """Where the numbers came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from engine.device.probe import cpu_name
+
+    cpu = cpu_name()
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     return {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),

@@ -53,14 +53,9 @@ RESULTS = REPO_ROOT / "benchmarks" / "results" / "parity_dynamicrafter.json"
 
 def machine_info() -> dict:
     """Where the numbers came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from engine.device.probe import cpu_name
+
+    cpu = cpu_name()
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}

@@ -30,7 +30,8 @@ def host_memory() -> dict:
     return {"total_bytes": int(vm.total), "available_bytes": int(vm.available)}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what platform reports)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -127,7 +128,7 @@ def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
 
 def _probe_cpu(measure: bool) -> DeviceSpec:
     mem = host_memory()
-    spec = DeviceSpec(name=_cpu_name(), kind="cpu", total_bytes=mem["total_bytes"],
+    spec = DeviceSpec(name=cpu_name(), kind="cpu", total_bytes=mem["total_bytes"],
                       free_bytes=mem["available_bytes"], bf16=False, source="probe")
     if measure:
         key = _slug(f"cpu-{spec.name}-{os.cpu_count()}-{torch.__version__}")

@@ -44,10 +44,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import platform
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from ..device.probe import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -407,17 +408,6 @@ def _as_mode(mode):
 
 
 # ---------------------------------------------------------------- measuring
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device) -> str:
     """A description of ``device`` that identifies its speed: the GPU's name, or the CPU model
     with the thread count torch uses (timings on CPU depend on it as much as on the chip)."""
@@ -427,7 +417,7 @@ def device_name(device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     if dev.type == "cpu":
-        return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+        return f"{cpu_name()} ({torch.get_num_threads()} threads)"
     return dev.type
 
 

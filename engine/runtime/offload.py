@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
@@ -61,7 +60,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 
 from .offload_units import (_CONTAINERS, OffloadMode, _block_units, _components, _declares_blocks,
-                            _nbytes, _tensors, offload_host_bytes, offload_units)
+                            _tensors, offload_host_bytes, offload_units)
 
 logger = logging.getLogger(__name__)
 
