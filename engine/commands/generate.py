@@ -47,7 +47,7 @@ def _options(args, GenerateOptions, is_demo: bool):
 
 def plan_for(args, spec, opts):
     """Plan the run for the device it will use; ``--perframe-ae`` becomes a forced setting."""
-    from ..device import probe_device
+    from ..device import host_memory, probe_device
     from ..planner.device import parse_size
     from ..planner.search import make_plan
 
@@ -63,7 +63,8 @@ def plan_for(args, spec, opts):
     return make_plan(spec, opts.height, opts.width, opts.frames, device, force=",".join(force) or None,
                      reserve_bytes=parse_size(args.reserve, "--reserve") if args.reserve else None,
                      steps=opts.steps, guidance=opts.cfg != 1.0,
-                     encoded_frames=1 if opts.mode == "i2v" else 2)
+                     encoded_frames=1 if opts.mode == "i2v" else 2,
+                     host_bytes=host_memory()["available_bytes"])
 
 
 def run(args) -> int:
@@ -83,7 +84,9 @@ def run(args) -> int:
                          "or raise `--reserve`.")
     print("plan: " + ", ".join(f"{k}={v}" for k, v in plan.settings.items())
           + f"; predicted peak {plan.peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB")
-    model = load_model(spec.source, args.ckpt, device=args.device)
+    # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
+    # casting on the device first would hold the fp32 copy there
+    model = load_model(spec.source, args.ckpt, device="cpu")
     result = generate(model, opts, device=args.device, progress=not args.quiet, settings=dict(plan.settings))
     frames = to_uint8_frames(result.video)
     out = write_mp4(frames, Path(args.out), fps=opts.fps)

@@ -43,7 +43,13 @@ def run(args) -> int:
                                            steps=args.steps), spec)
     device = resolve_device(args.vram, args.gpu)
     reserve = parse_size(args.reserve, "--reserve") if args.reserve else None
+    host = None
+    if device.source == "probe":  # planning for this machine: its free RAM bounds offloading
+        from ..device import host_memory
+
+        host = host_memory()["available_bytes"]
     plan = make_plan(spec, opts.height, opts.width, opts.frames, device, force=args.force,
-                     reserve_bytes=reserve, steps=opts.steps, encoded_frames=2 if args.interp else 1)
+                     reserve_bytes=reserve, steps=opts.steps, encoded_frames=2 if args.interp else 1,
+                     host_bytes=host)
     print(plan.to_json() if args.json else plan.explain())
     return 0
