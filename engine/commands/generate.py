@@ -87,7 +87,8 @@ def run(args) -> int:
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
     # casting on the device first would hold the fp32 copy there
     model = load_model(spec.source, args.ckpt, device="cpu")
-    result = generate(model, opts, device=args.device, progress=not args.quiet, settings=dict(plan.settings))
+    settings = {**plan.settings, "reference": "reference" in plan.forced}  # temporal attention stays naive
+    result = generate(model, opts, device=args.device, progress=not args.quiet, settings=settings)
     frames = to_uint8_frames(result.video)
     out = write_mp4(frames, Path(args.out), fps=opts.fps)
     if args.png_dir:

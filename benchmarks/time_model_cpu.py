@@ -1,0 +1,67 @@
+"""Predicted vs measured stage times on this machine (the planner's time model, calibrated by
+`engine probe`'s CPU matmul measurement), for the tiny config and the real-width 256 config.
+
+Writes ``benchmarks/results/time_model_cpu.json``. Usage: ``python benchmarks/time_model_cpu.py``
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from engine.config import load_spec
+from engine.device import probe_device
+from engine.device.probe import cpu_name
+from engine.pipeline.generate import generate
+from engine.pipeline.image_io import EXAMPLE_IMAGE
+from engine.pipeline.loading import load_model
+from engine.pipeline.options import GenerateOptions
+from engine.planner.search import make_plan
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = (("tiny", 128, 128, 16, 10), ("256", 256, 256, 4, 2))
+STAGE_OF = {"vae_encode": "vae_encode", "conditioning": ("text_encode", "image_encode"),
+            "denoise": "denoise", "vae_decode": "vae_decode"}
+
+
+def run_case(config, h, w, frames, steps, device) -> dict:
+    spec = load_spec(config)
+    plan = make_plan(spec, h, w, frames, device, steps=steps)
+    model = load_model(config, None, seed=0)
+    opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake", height=h, width=w,
+                           frames=frames, steps=steps)
+    generate(model, GenerateOptions(**{**opts.__dict__, "steps": 1}), progress=False,
+             settings=dict(plan.settings))  # warm-up
+    measured = generate(model, opts, progress=False, settings=dict(plan.settings)).timings
+    rows = []
+    for key, stages in STAGE_OF.items():
+        names = stages if isinstance(stages, tuple) else (stages,)
+        predicted = sum(plan.stage(n).time_s for n in names)
+        rows.append({"stage": key, "predicted_s": round(predicted, 4), "measured_s": round(measured[key], 4),
+                     "ratio": round(measured[key] / predicted, 3) if predicted else None})
+    return {"config": config, "size": f"{h}x{w}x{frames}", "steps": steps, "settings": dict(plan.settings),
+            "rows": rows}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    device = probe_device()
+    cases = [run_case(*c, device) for c in CASES]
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "measured_fp32_flops": device.fp32_flops},
+           "note": "time model = roofline over traced FLOPs/bytes at the probe's measured matmul rate; "
+                   "ratio = measured / predicted", "cases": cases}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "time_model_cpu.json").write_text(json.dumps(out, indent=1))
+    for c in cases:
+        for r in c["rows"]:
+            print(f"{c['config']:>5} {c['size']:<12} {r['stage']:<13} predicted {r['predicted_s']:>8.3f} s "
+                  f"measured {r['measured_s']:>8.3f} s  ratio {r['ratio']}")
+
+
+if __name__ == "__main__":
+    main()
