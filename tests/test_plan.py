@@ -118,3 +118,14 @@ def test_cli_gpus_and_probe():
     assert probe["host"]["total_bytes"] > 0
     if probe["device"]["kind"] == "cpu":
         assert "no NVIDIA driver" in probe["note"]
+
+
+@pytest.mark.cuda
+def test_probe_measures_the_card(tmp_path, monkeypatch):
+    from engine.device import probe_device
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    card = probe_device()
+    assert card.kind == "cuda" and card.context_bytes > 0 and card.fp16_flops > 0
+    plan = make_plan(load_spec("tiny"), 128, 128, 16, card)
+    assert not any("CUDA context not measured" in a for a in plan.assumptions)

@@ -31,6 +31,8 @@ def run(args) -> int:
     for key, label in (("fp16_flops", "fp16 matmul"), ("fp32_flops", "fp32 matmul")):
         if getattr(spec, key):
             print(f"{label:<10}{getattr(spec, key) / 1e12:8.2f} TFLOP/s (measured)")
+    if spec.context_bytes is not None:
+        print(f"context   {format_bytes(spec.context_bytes)} per process (measured CUDA context)")
     if spec.link_bandwidth:
         print(f"link      {spec.link_bandwidth / 1e9:8.2f} GB/s host->device (measured)")
     print(f"host RAM  {format_bytes(info['host']['total_bytes'])} total, "

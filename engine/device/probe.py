@@ -87,6 +87,18 @@ def measure_link_bandwidth(device: str, mib: int = 256) -> float:
     return 3 * host.numel() / (time.perf_counter() - t0)
 
 
+def measure_context_bytes(index: int, used_before: int) -> int:
+    """Device memory this process holds beyond the caching allocator's reservation after CUDA,
+    cuBLAS and a first kernel are initialised: the CUDA context term of the planner."""
+    import pynvml
+
+    a = torch.ones(256, 256, device=f"cuda:{index}")
+    (a @ a).sum().item()
+    torch.cuda.synchronize(index)
+    used_after = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used
+    return max(0, int(used_after - used_before - torch.cuda.memory_reserved(index)))
+
+
 def _cached_measurements(key: str, measure) -> dict:
     path = cache_dir() / "devices" / f"{key}.json"
     if path.is_file():
@@ -118,7 +130,9 @@ def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
                       free_bytes=nvml["free_bytes"], bf16=torch.cuda.is_bf16_supported(),
                       compute_capability=f"{props.major}.{props.minor}", source="probe")
     if measure:
+        used_before = nvml["total_bytes"] - nvml["free_bytes"]  # read before this process's context
         m = _cached_measurements(_slug(f"{nvml['name']}-{nvml['driver']}"), lambda: {
+            "context_bytes": measure_context_bytes(index, used_before),
             "fp16_flops": measure_matmul_flops(dev, torch.float16, 4096),
             "fp32_flops": measure_matmul_flops(dev, torch.float32, 4096),
             "link_bandwidth": measure_link_bandwidth(dev)})

@@ -42,6 +42,7 @@ class DeviceSpec:
     mem_bandwidth: float | None = None   # bytes/s
     link_bandwidth: float | None = None  # host<->device bytes/s
     laptop: bool = False
+    context_bytes: int | None = None  # CUDA context + library handles, measured by the probe
     source: str = "catalog"        # "probe", "catalog", "vram", "cpu"
     slug: str | None = None
 
