@@ -12,7 +12,6 @@ import torch
 
 from engine.config import load_spec
 from engine.estimate import FitCache, measure_cpu_peak_bytes
-from engine.estimate import vae as vae_estimate
 from engine.estimate.vae import VAEMemoryModel, VAEStageMemory
 from engine.models.autoencoder import AutoencoderKL
 from engine.runtime.autoencode import decode_frames, encode_frames
@@ -101,7 +100,7 @@ def test_tiled_below_untiled_at_large_size(tiny_model):
 def test_cache_round_trip_loads_without_tracing(tiny_vae, tiny_model, cache_dir, monkeypatch):
     def no_trace(*args, **kwargs):
         raise AssertionError("a cached fit must not trace")
-    monkeypatch.setattr(vae_estimate, "_run_traces", no_trace)
+    monkeypatch.setattr("engine.estimate.vae_trace._run_traces", no_trace)
     warm = VAEMemoryModel.for_vae(tiny_vae, cache=FitCache(cache_dir))
     assert {v["source"] for v in warm.report.values()} == {"cache"}
     for direction, frames, height, width, mode in HELD_OUT:

@@ -72,7 +72,6 @@ from torch import nn
 from ..runtime.aemode import AEMode
 from ..runtime.autoencode import decode_frames, encode_frames
 from ..runtime.vae_adapter import downsample_factor
-from . import vae_trace as _vae_trace
 from .cache import FitCache, architecture_hash
 from .trace import TraceResult, trace_call
 from .vae_cache import _hash_extra, _load, _store
@@ -83,9 +82,6 @@ from .vae_trace import _meta_twin
 __all__ = ["DIRECTIONS", "FAMILIES", "VAEMemoryModel", "VAEStageMemory"]
 
 _DEFAULT_CACHE: Any = object()
-# The tracer moved to :mod:`engine.estimate.vae_trace`; the name stays reachable here (tests
-# patch it). Patch ``engine.estimate.vae_trace._run_traces`` to intercept tracing.
-_run_traces = _vae_trace._run_traces
 
 
 @dataclasses.dataclass(frozen=True)
