@@ -96,6 +96,11 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
         (rejected if reason else fitting).append((chosen, stages, reason))
     if fitting:
         best, stages, _ = _fastest(fitting)
+        chosen_time = sum(x.time_s for x in stages)
+        rejected += [(c, st, f"fits, but predicted {sum(x.time_s for x in st):.1f} s vs {chosen_time:.1f} s"
+                      + (" (tied; fewer moves/calls preferred)" if sum(x.time_s for x in st)
+                         <= chosen_time * (1 + TIE_TOLERANCE) else ""))
+                     for c, st, _ in fitting if c is not best]
     elif forced or reference:  # a forced plan that does not fit is still predicted and explained
         best, stages, _ = min(rejected, key=lambda e: max(x.peak_bytes for x in e[1]))
     else:
@@ -168,7 +173,9 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
         n = unet_calls if name == "denoise" else 1
         t = ae_time if ae_time is not None else n * roofline_seconds(
             flops, moved, _flops_rate(device, s.dtype), device.mem_bandwidth)
-        t += transfer_bytes(name, weights, s.offload, unet_calls) / (device.link_bandwidth or float("inf"))
+        moving = transfer_bytes(name, weights, s.offload, unet_calls) / (device.link_bandwidth or float("inf"))
+        # block offload prefetches the next block on a side stream: copies overlap the compute
+        t = max(t, moving) if (s.offload == "block" and name == "denoise") else t + moving
         if mode is not None:
             modes["ae_encode" if name == "vae_encode" else "ae_decode"] = str(mode)
         note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
