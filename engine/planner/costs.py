@@ -3,8 +3,8 @@
 Memory of a stage, as the driver would show it::
 
     peak_bytes = cuda_context + reserved
-    reserved   = allocated + allocator slack                  (cache emptied before the stage)
-               = max(previous reserved, allocated + slack)   (cache kept: blocks carried over)
+    reserved   = allocated + allocator rounding                       (cache emptied before the stage)
+               = that + blocks earlier stages freed but kept cached  (cache kept)
     allocated  = resident weights + carried tensors + the stage's activation peak
 
 Time of a stage: a roofline over the stage's FLOPs and bytes (device throughput and memory
@@ -28,9 +28,7 @@ class DeviceTerms:
     """Device overheads kept as separate, named terms (never folded into the estimates)."""
 
     cuda_context_bytes: int
-    allocator_slack_fraction: float   # reserved/allocated - 1 inside one stage
     context_measured: bool
-    slack_measured: bool
 
 
 def resident_bytes(stage: str, weights: dict[str, int], offload: str, block_resident: int) -> int:
@@ -57,16 +55,15 @@ def roofline_seconds(flops: float, bytes_moved: float, flops_rate: float | None,
     return max(compute, memory)
 
 
-def reserved_after(allocated: int, previous_reserved: int, previous_live: int, terms: DeviceTerms,
-                   empty_cache: bool) -> int:
+def reserved_after(allocated: int, previous_reserved: int, previous_live: int, empty_cache: bool) -> int:
     """The caching allocator's reserved memory at this stage's peak.
 
-    Emptied before the stage: this stage's blocks plus slack. Kept: the blocks earlier stages
+    ``allocated`` already includes the allocator's segment rounding (the estimators' named
+    ``allocator`` term). Emptied before the stage: this stage's blocks alone. Kept: the blocks earlier stages
     freed stay reserved (``previous_reserved - previous_live``); this stage's activations have
     other shapes, so we assume none of them reuse those blocks: an upper bound on the growth a run
     shows when the cache is never released (e.g. a driver that spills instead of refusing).
     """
-    own = int(allocated * (1.0 + terms.allocator_slack_fraction))
     if empty_cache:
-        return own
-    return max(0, previous_reserved - previous_live) + own
+        return allocated
+    return max(0, previous_reserved - previous_live) + allocated

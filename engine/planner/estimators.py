@@ -86,9 +86,9 @@ class Estimators:
 
     def device_terms(self) -> DeviceTerms:
         if self.device.kind == "cpu":
-            return DeviceTerms(0, 0.0, True, True)
+            return DeviceTerms(0, True)
         measured = getattr(self.device, "context_bytes", None)
-        return DeviceTerms(measured or ASSUMED_CUDA_CONTEXT, 0.0, measured is not None, False)
+        return DeviceTerms(measured or ASSUMED_CUDA_CONTEXT, measured is not None)
 
     def carried_bytes(self, w) -> int:
         """Latents, conditioning and noise alive across stages (fp32; small next to weights)."""

@@ -168,7 +168,7 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
         left = budget - terms.cuda_context_bytes - cached_free
         act, flops, moved, mode, alloc_extra, ae_time = _stage_work(name, s, w, est, left, resident)
         allocated = resident + act
-        reserved = reserved_after(allocated + alloc_extra, prev_reserved, prev_live, terms, s.empty_cache)
+        reserved = reserved_after(allocated + alloc_extra, prev_reserved, prev_live, s.empty_cache)
         peak = terms.cuda_context_bytes + reserved
         n = unet_calls if name == "denoise" else 1
         t = ae_time if ae_time is not None else n * roofline_seconds(
