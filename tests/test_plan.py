@@ -129,3 +129,11 @@ def test_probe_measures_the_card(tmp_path, monkeypatch):
     assert card.kind == "cuda" and card.context_bytes > 0 and card.fp16_flops > 0
     plan = make_plan(load_spec("tiny"), 128, 128, 16, card)
     assert not any("CUDA context not measured" in a for a in plan.assumptions)
+
+
+def test_cli_inspect_json_counts_without_weights():
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "inspect", "--config", "512", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    params = json.loads(out)["params"]
+    assert params == {"unet": 1_438_854_980, "vae": 83_653_863, "text_encoder": 354_032_641,
+                      "image_encoder": 683_800_065, "image_proj": 48_787_456}
