@@ -137,3 +137,20 @@ def test_cli_inspect_json_counts_without_weights():
     params = json.loads(out)["params"]
     assert params == {"unet": 1_438_854_980, "vae": 83_653_863, "text_encoder": 354_032_641,
                       "image_encoder": 683_800_065, "image_proj": 48_787_456}
+
+
+def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypatch):
+    import torch
+
+    from engine.device import probe_device
+    from engine.estimate.timing import AETimeModel
+    from engine.models.autoencoder import AutoencoderKL
+    from engine.planner.estimators import Estimators
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    spec, cpu = load_spec("tiny"), probe_device()
+    before = make_plan(spec, 128, 128, 16, cpu, estimators=Estimators(spec, cpu))
+    assert not any("calibrated" in a for a in before.assumptions)
+    AETimeModel.calibrate(AutoencoderKL(spec.vae).eval(), device="cpu", dtype=torch.float32, budget_s=2)
+    after = make_plan(spec, 128, 128, 16, cpu, estimators=Estimators(spec, cpu))
+    assert "VAE times calibrated on this device" in after.assumptions

@@ -8,6 +8,24 @@ def add_parser(sub) -> None:
     p = sub.add_parser("probe", help="describe and briefly measure this machine's GPU (or CPU)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-measure", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--calibrate", metavar="CONFIG",
+                   help="also time this config's VAE on the device (~20 s, cached) for the planner")
+
+
+def calibrate_vae(config: str, spec_device) -> float:
+    """Measure the config's VAE (random weights: only shapes matter) on the device; cached."""
+    import torch
+
+    from ..config import load_spec
+    from ..estimate.timing import AETimeModel
+    from ..models.autoencoder import AutoencoderKL
+
+    device = "cuda" if spec_device.kind == "cuda" else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    vae = AutoencoderKL(load_spec(config).vae).to(device, dtype).eval()
+    with torch.no_grad():
+        model = AETimeModel.calibrate(vae, device=device, dtype=dtype)
+    return float(model.meta.get("calibration_s", 0.0))
 
 
 def run(args) -> int:
@@ -16,6 +34,8 @@ def run(args) -> int:
 
     spec = probe_device(measure=not args.no_measure)
     info = {"device": spec.as_dict(), "host": host_memory()}
+    if args.calibrate:
+        info["vae_calibration_s"] = calibrate_vae(args.calibrate, spec)
     if spec.kind == "cpu":
         info["note"] = "no NVIDIA driver or CUDA device found; plans are made for the CPU"
     if args.json:
@@ -35,6 +55,9 @@ def run(args) -> int:
         print(f"context   {format_bytes(spec.context_bytes)} per process (measured CUDA context)")
     if spec.link_bandwidth:
         print(f"link      {spec.link_bandwidth / 1e9:8.2f} GB/s host->device (measured)")
+    if "vae_calibration_s" in info:
+        print(f"VAE       {args.calibrate}'s VAE timed on this device ({info['vae_calibration_s']:.1f} s, "
+              "cached for the planner)")
     print(f"host RAM  {format_bytes(info['host']['total_bytes'])} total, "
           f"{format_bytes(info['host']['available_bytes'])} available")
     return 0

@@ -209,6 +209,29 @@ class AETimeModel:
                    meta={"device_flops_per_s": device_flops_per_s})
 
     @classmethod
+    def cached(cls, vae, *, device, dtype, cache=None) -> AETimeModel | None:
+        """The calibration stored for this VAE architecture on ``device`` in ``dtype``, or None.
+
+        Measures nothing, so the planner can use a calibration made earlier (``engine probe
+        --calibrate CONFIG``) and fall back to :meth:`from_flops` without one. ``vae`` may live on
+        the meta device: only its architecture is hashed.
+        """
+        from .cache import FitCache
+
+        store = cache if cache is not None else FitCache()
+        name = device_name(device)
+        payload = store.get(_cache_key(vae, name, dtype))
+        if payload is None:
+            return None
+        try:
+            model = cls.from_dict(payload)
+        except (KeyError, TypeError, ValueError) as err:
+            logger.warning("ignoring cached AE time model for %s (%s)", name, err)
+            return None
+        logger.info("loaded AE time model for %s (%s)", name, dtype)
+        return model
+
+    @classmethod
     def calibrate(cls, vae, *, device=None, dtype=None, budget_s: float = 20.0, cache=None,
                   refresh: bool = False, max_latent_pixels: int = 16384) -> AETimeModel:
         """Measure ``vae``'s encode/decode speed on its device with short real calls and fit.
@@ -235,31 +258,29 @@ class AETimeModel:
             >>> tm = AETimeModel.calibrate(vae, budget_s=20)
             >>> tm.predict("decode", 16, 320, 512, "chunk:4")
         """
-        import torch
-
-        from .cache import FitCache, architecture_hash
+        from .cache import FitCache
 
         device, dtype = _check_place(vae, device, dtype)
         name = device_name(device)
         store = None if cache is False else (cache if cache is not None else FitCache())
-        key = architecture_hash(vae, "ae_time", extra={"device": name, "dtype": str(dtype),
-                                                       "torch": torch.__version__,
-                                                       "schema": SCHEMA})
         if store is not None and not refresh:
-            payload = store.get(key)
-            if payload is not None:
-                try:
-                    model = cls.from_dict(payload)
-                    logger.info("loaded AE time model for %s (%s) from %s", name, dtype,
-                                store.path(key))
-                    return model
-                except (KeyError, TypeError, ValueError) as err:
-                    logger.warning("ignoring cached AE time model %s (%s)", key, err)
+            model = cls.cached(vae, device=device, dtype=dtype, cache=store)
+            if model is not None:
+                return model
         model = _calibrate(vae, device, dtype, name, budget_s, max_latent_pixels)
         if store is not None:
-            path = store.put(key, model.to_dict())
+            path = store.put(_cache_key(vae, name, dtype), model.to_dict())
             logger.info("stored AE time model for %s in %s", name, path)
         return model
+
+
+def _cache_key(vae, device_name: str, dtype) -> str:
+    import torch
+
+    from .cache import architecture_hash
+
+    return architecture_hash(vae, "ae_time", extra={"device": device_name, "dtype": str(dtype),
+                                                    "torch": torch.__version__, "schema": SCHEMA})
 
 
 def _as_mode(mode):

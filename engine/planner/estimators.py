@@ -133,11 +133,21 @@ class Estimators:
     def _time_model(self, precision: str):
         from ..estimate.timing import AETimeModel
 
+        if precision not in self._vae_time and self.device.source == "probe":
+            # a calibration measured on this very device (`engine probe --calibrate`), if any
+            where = "cpu" if self.device.kind == "cpu" else "cuda"
+            found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_precision_dtype(precision))
+            if found is not None:
+                self._vae_time[precision] = found
+                self._notes.append("VAE times calibrated on this device")
         if precision not in self._vae_time:
             # autocast runs the convolutions in fp16: the fp16 rate applies to it too
             half = precision != "fp32" and self.device.kind == "cuda"
             rate = (self.device.fp16_flops if half else self.device.fp32_flops) or \
                 self.device.fp16_flops or self.device.fp32_flops
+            if not rate:
+                raise ValueError(f"`device` {self.device.name!r} has no measured or catalogued throughput; "
+                                 "probe it with measurements (engine probe) or plan with --gpu NAME.")
             self._vae_time[precision] = AETimeModel.from_flops(
                 rate, ASSUMED_PER_CALL_S if self.device.kind == "cuda" else 0.0,
                 flop_terms=self._vae_flop_terms(precision),
@@ -175,7 +185,7 @@ class Estimators:
         return StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
 
     def assumptions(self) -> list[str]:
-        notes = []
+        notes = list(dict.fromkeys(self._notes))
         if self.device.kind == "cuda":
             t = self.device_terms()
             if not t.context_measured:
