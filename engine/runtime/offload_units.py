@@ -4,26 +4,21 @@ Light on purpose (no accelerate import), so the planner can size offload plans i
 """
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import nn
+
+from .modes import ModeEnum
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
-class OffloadMode(str, Enum):
+class OffloadMode(ModeEnum):
     NONE = "none"
     MODEL = "model"
     BLOCK = "block"
 
-    @classmethod
-    def parse(cls, value: OffloadMode | str, argument: str = "mode") -> OffloadMode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"`{argument}` {value!r} is not an offload mode; use one of "
-                             f"{', '.join(m.value for m in cls)}.") from None
+
+OffloadMode._label = "an offload mode"
 
 
 def _tensors(module: nn.Module, seen: set[int]) -> list[torch.Tensor]:

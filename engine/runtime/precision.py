@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from enum import Enum
 
 import torch
 from torch import nn
+
+from .modes import ModeEnum
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +41,18 @@ __all__ = ["PrecisionMode", "apply_precision", "precision_context", "restore_pre
 _DEFAULT_KEEP_FP32: tuple[str, ...] = ()
 
 
-class PrecisionMode(str, Enum):
+class PrecisionMode(ModeEnum):
     FP32_AUTOCAST = "fp32-autocast"
     FP16 = "fp16"
     BF16 = "bf16"
     FP32 = "fp32"
 
     @classmethod
-    def parse(cls, value: PrecisionMode | str, argument: str = "dtype") -> PrecisionMode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"`{argument}` {value!r} is not a precision mode; use one of "
-                             f"{', '.join(m.value for m in cls)}.") from None
+    def parse(cls, value, argument: str = "dtype") -> PrecisionMode:
+        return super().parse(value, argument)
+
+
+PrecisionMode._label = "a precision mode"
 
 
 _WEIGHT_DTYPES = {PrecisionMode.FP32_AUTOCAST: torch.float32, PrecisionMode.FP16: torch.float16,
