@@ -49,6 +49,26 @@ def decode_latents(model, z: torch.Tensor, mode: AEMode) -> torch.Tensor:
     return decode_frames(model.first_stage_model, flat, mode).cpu()
 
 
+# Smaller and smaller decodes to fall back on when a decode still runs out of memory: the
+# denoised latents are never lost to a decode that did not fit.
+DECODE_FALLBACKS = ("per-frame", "per-frame+tile:256x256", "per-frame+tile:128x128")
+
+
+def decode_with_fallback(model, z: torch.Tensor, mode: AEMode, device) -> torch.Tensor:
+    """Decode with the plan's mode; on out-of-memory retry with the fallbacks, smallest last."""
+    modes = [mode] + [AEMode.parse(m) for m in DECODE_FALLBACKS if AEMode.parse(m) != mode]
+    for i, current in enumerate(modes):
+        try:
+            return decode_latents(model, z, current)
+        except torch.OutOfMemoryError:
+            if i == len(modes) - 1:
+                raise
+            log.warning("VAE decode in mode %s ran out of memory; retrying as %s", current, modes[i + 1])
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    raise AssertionError("unreachable")
+
+
 def training_alphas_cumprod(spec) -> np.ndarray:
     """The float64 schedule: DynamiCrafter's DDIM computes its coefficients from it (the model's
     float32 buffer differs by up to one ulp, which shifts the result by ~3e-5)."""
@@ -130,7 +150,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool) -> GenerateRe
 
     t = clock()
     with run.stage("vae"):
-        video = decode_latents(model, latents, ae_decode)
+        video = decode_with_fallback(model, latents, ae_decode, device)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     timings["vae_decode"] = clock() - t
