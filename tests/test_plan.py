@@ -154,3 +154,12 @@ def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypat
     AETimeModel.calibrate(AutoencoderKL(spec.vae).eval(), device="cpu", dtype=torch.float32, budget_s=2)
     after = make_plan(spec, 128, 128, 16, cpu, estimators=Estimators(spec, cpu))
     assert "VAE times calibrated on this device" in after.assumptions
+
+
+def test_xformers_is_planned_only_where_its_kernels_ran(spec1024):
+    from dataclasses import replace
+
+    card = catalog_device("rtx-4090")
+    assert make_plan(spec1024, 576, 1024, 16, card).settings["attention"] == "sdpa"
+    probed = replace(card, source="probe", xformers=True)
+    assert make_plan(spec1024, 576, 1024, 16, probed).settings["attention"] == "xformers"

@@ -126,9 +126,12 @@ def probe_device(index: int = 0, measure: bool = True) -> DeviceSpec:
 def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
     dev = f"cuda:{index}"
     props = torch.cuda.get_device_properties(index)
+    from ..runtime.attention import xformers_kernels_work
+
     spec = DeviceSpec(name=nvml["name"], kind="cuda", total_bytes=nvml["total_bytes"],
                       free_bytes=nvml["free_bytes"], bf16=torch.cuda.is_bf16_supported(),
-                      compute_capability=f"{props.major}.{props.minor}", source="probe")
+                      compute_capability=f"{props.major}.{props.minor}", source="probe",
+                      xformers=xformers_kernels_work(dev))
     if measure:
         used_before = nvml["total_bytes"] - nvml["free_bytes"]  # read before this process's context
         m = _cached_measurements(_slug(f"{nvml['name']}-{nvml['driver']}"), lambda: {

@@ -43,6 +43,7 @@ class DeviceSpec:
     link_bandwidth: float | None = None  # host<->device bytes/s
     laptop: bool = False
     context_bytes: int | None = None  # CUDA context + library handles, measured by the probe
+    xformers: bool = False         # xformers' kernels ran on this device (probe only)
     source: str = "catalog"        # "probe", "catalog", "vram", "cpu"
     slug: str | None = None
 

@@ -136,7 +136,10 @@ class Estimators:
         if precision not in self._vae_time and self.device.source == "probe":
             # a calibration measured on this very device (`engine probe --calibrate`), if any
             where = "cpu" if self.device.kind == "cpu" else "cuda"
-            found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_precision_dtype(precision))
+            try:
+                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_precision_dtype(precision))
+            except (RuntimeError, AssertionError):  # the device is not reachable from this process
+                found = None
             if found is not None:
                 self._vae_time[precision] = found
                 self._notes.append("VAE times calibrated on this device")

@@ -31,9 +31,11 @@ class Workload:
     encoded_frames: int = 1        # 1 for I2V, 2 for interpolation; the reference encodes all frames
 
 
-# Searched by default: fused attention keeps no score matrix, so on our estimates the naive and
-# query-chunked paths never use less memory and are never faster; they stay available via --force.
-SEARCHED_ATTENTION = ("sdpa",)
+# Searched: a fused kernel, which keeps no score matrix: xformers where the probe saw its kernels
+# run on this device, PyTorch's SDPA otherwise. On our estimates the naive and query-chunked paths
+# never use less memory and are never faster; they stay available via --force.
+def searched_attention(device: DeviceSpec) -> tuple[str, ...]:
+    return ("xformers",) if device.xformers else ("sdpa",)
 
 
 def candidate_settings(device: DeviceSpec, forced: dict, reference: bool, spec) -> list[Settings]:
@@ -43,7 +45,7 @@ def candidate_settings(device: DeviceSpec, forced: dict, reference: bool, spec) 
     # fp32 weights under autocast cost twice the weight memory of fp16 at the same speed: searched
     # only when forced (or as part of the reference)
     dtypes = ["fp32"] if device.kind == "cpu" else [d for d in ("fp16", "bf16") if device.bf16 or d != "bf16"]
-    combos = itertools.product(dtypes, SEARCHED_ATTENTION, CFG_MODES, OFFLOADS)
+    combos = itertools.product(dtypes, searched_attention(device), CFG_MODES, OFFLOADS)
     out = [apply_forced(Settings(dtype=d, attention=a, cfg=c, offload=o), forced) for d, a, c, o in combos]
     return list(dict.fromkeys(out))  # forced keys collapse duplicates
 
