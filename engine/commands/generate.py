@@ -47,7 +47,7 @@ def _options(args, GenerateOptions, is_demo: bool):
 
 def plan_for(args, spec, opts):
     """Plan the run for the device it will use; ``--perframe-ae`` becomes a forced setting."""
-    from ..device import host_memory, probe_device
+    from ..device import host_memory, probe_cpu, probe_device
     from ..planner.device import parse_size
     from ..planner.search import make_plan
 
@@ -56,7 +56,7 @@ def plan_for(args, spec, opts):
         mode = "per-frame" if args.perframe_ae else "batched"
         force.append(f"ae_encode={mode},ae_decode={mode}")
     index = int(args.device.split(":")[1]) if args.device.startswith("cuda:") else 0
-    device = probe_device(index) if args.device.startswith("cuda") else probe_device(measure=True)
+    device = probe_device(index) if args.device.startswith("cuda") else probe_cpu()
     if args.device.startswith("cuda") and device.kind != "cuda":
         raise ValueError(f"`--device` {args.device!r} is not available here (no CUDA device found); "
                          "use --device cpu.")

@@ -120,7 +120,7 @@ def probe_device(index: int = 0, measure: bool = True) -> DeviceSpec:
     nvml = _nvml_facts(index)
     if nvml is not None and torch.cuda.is_available():
         return _probe_cuda(index, nvml, measure)
-    return _probe_cpu(measure)
+    return probe_cpu(measure)
 
 
 def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
@@ -143,7 +143,8 @@ def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
     return spec
 
 
-def _probe_cpu(measure: bool) -> DeviceSpec:
+def probe_cpu(measure: bool = True) -> DeviceSpec:
+    """The host CPU as a device: RAM (available) and its measured fp32 matmul rate."""
     mem = host_memory()
     spec = DeviceSpec(name=cpu_name(), kind="cpu", total_bytes=mem["total_bytes"],
                       free_bytes=mem["available_bytes"], bf16=False, source="probe")

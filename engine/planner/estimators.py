@@ -196,6 +196,9 @@ class Estimators:
                              "assumed (run `engine probe` on the card to measure it)")
             notes.append("allocator: per-stage reserved = allocated + segment rounding; cached blocks "
                          "carried between stages when the cache is not emptied (upper bound)")
+            if "VAE times calibrated on this device" not in notes:
+                notes.append(f"VAE calls: {ASSUMED_PER_CALL_S * 1e3:.0f} ms launch overhead each assumed "
+                             "(time the VAE with `engine probe --calibrate CONFIG` on the card)")
             if self.device.source != "probe":
                 notes.append("times are a roofline over the catalogue's datasheet throughput "
                              "(uncalibrated for this card)")
