@@ -73,17 +73,18 @@ def run(args) -> int:
     from ..pipeline.loading import load_model
     from ..pipeline.options import GenerateOptions, resolve_options
     from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
+    from ..planner.device import format_bytes
 
     is_demo = args.ckpt is None and args.image is None
     spec = load_spec(args.config)
     opts = resolve_options(_options(args, GenerateOptions, is_demo), spec)
     plan = plan_for(args, spec, opts)  # before loading: a run that cannot fit fails in seconds
     if not plan.fits:
-        raise ValueError(f"`--force` {args.force or ''} is predicted to need {plan.peak_bytes / 2**30:.2f} GiB "
-                         f"of the {plan.budget_bytes / 2**30:.2f} GiB budget; drop the forced settings "
-                         "or raise `--reserve`.")
+        raise ValueError(f"`--force` {args.force or ''} is predicted to need {format_bytes(plan.peak_bytes)} "
+                         f"of the {format_bytes(plan.budget_bytes)} budget; drop the forced settings "
+                         "or lower `--reserve`.")
     print("plan: " + ", ".join(f"{k}={v}" for k, v in plan.settings.items())
-          + f"; predicted peak {plan.peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB")
+          + f"; predicted peak {format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}")
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
     # casting on the device first would hold the fp32 copy there
     model = load_model(spec.source, args.ckpt, device="cpu")

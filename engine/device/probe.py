@@ -5,7 +5,6 @@ in the engine cache directory, so later runs read them back.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -19,10 +18,6 @@ import torch
 from ..planner.device import DeviceSpec
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "engine"))
 
 
 def host_memory() -> dict:
@@ -100,14 +95,14 @@ def measure_context_bytes(index: int, used_before: int) -> int:
 
 
 def _cached_measurements(key: str, measure) -> dict:
-    path = cache_dir() / "devices" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    values = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values))
-    os.replace(tmp, path)
+    """Measurements of this device, taken once and kept in the engine's cache directory."""
+    from ..estimate.cache import FitCache
+
+    cache = FitCache()
+    values = cache.get(f"device-{key}")
+    if values is None:
+        values = measure()
+        cache.put(f"device-{key}", values)
     return values
 
 

@@ -19,7 +19,7 @@ from ..sampling.guidance import CFGDenoiser
 from ..sampling.schedule import ddim_timesteps, make_betas
 from .conditioning import build_conditions, concat_latents, unet_call
 from ..runtime.precision import weight_dtype
-from .execution import attached
+from .execution import DEFAULT_SETTINGS, attached
 from .image_io import prepare_image
 from .options import GenerateOptions, resolve_options
 
@@ -87,8 +87,8 @@ def _images(opts: GenerateOptions, device, dtype) -> list[torch.Tensor]:
 def default_settings(spec, opts: GenerateOptions) -> dict:
     """Without a plan: DynamiCrafter's behaviour on the CPU (fp32, ``perframe_ae`` from the config)."""
     base = "per-frame" if spec.perframe_ae else "batched"
-    return {"dtype": "fp32", "attention": "sdpa", "cfg": "batched" if opts.cfg_batched else "sequential",
-            "offload": "none", "ae_encode": opts.ae_encode or base, "ae_decode": opts.ae_decode or base}
+    return {**DEFAULT_SETTINGS, "cfg": "batched" if opts.cfg_batched else "sequential",
+            "ae_encode": opts.ae_encode or base, "ae_decode": opts.ae_decode or base}
 
 
 @torch.no_grad()

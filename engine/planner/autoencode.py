@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..runtime.aemode import AEMode
+from .device import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ DEFAULT_TILES = (768, 512, 384, 256, 192, 128)
 # Predicted times closer than this are within the time model's own error: prefer fewer calls.
 TIE_TOLERANCE = 0.01
 _DIRECTIONS = ("encode", "decode")
-_GIB, _MIB = 2 ** 30, 2 ** 20
 
 
 class StageMemory(Protocol):
@@ -127,16 +127,6 @@ class AEChoice:
 
 
 # ---------------------------------------------------------------- formatting
-def format_bytes(n: float, other: float | None = None) -> str:
-    """Bytes as GiB (MiB below 0.1 GiB); with ``other``, enough decimals that the two differ."""
-    unit, name = (_GIB, "GiB") if abs(n) >= _GIB / 10 else (_MIB, "MiB")
-    for digits in (2, 3, 4, 6):
-        text = f"{n / unit:.{digits}f} {name}"
-        if other is None or text != f"{other / unit:.{digits}f} {name}":
-            return text
-    return f"{int(n)} bytes"
-
-
 def describe_mode(mode: AEMode) -> str:
     """Words for a mode: ``batched``, ``per-frame``, ``in chunks of 4 frames``, plus tiles."""
     words = ("batched" if mode.chunk is None else "per-frame" if mode.chunk == 1

@@ -23,8 +23,14 @@ def parse_size(text: str | int | float, argument: str = "--vram") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2 ** 20:.0f} MiB"
+def format_bytes(n: float, other: float | None = None) -> str:
+    """Bytes as GiB (MiB below 0.1 GiB); with ``other``, enough decimals that the two differ."""
+    unit, name, start = (GIB, "GiB", 2) if abs(n) >= GIB / 10 else (2 ** 20, "MiB", 0)
+    for digits in range(start, 7):
+        text = f"{n / unit:.{digits}f} {name}"
+        if other is None or text != f"{other / unit:.{digits}f} {name}":
+            return text
+    return f"{int(n)} bytes"
 
 
 @dataclass(frozen=True)
