@@ -176,7 +176,7 @@ def comfy_bytes(direction: str, height: int, width: int, frames_in_flight: int, 
 def call_extent(model, direction: str, frames: int, height: int, width: int, mode: str):
     """Frames in flight and pixel size of ONE VAE call of the row (a tile when tiled)."""
     from engine.estimate.vae import _classify
-    from engine.runtime.aemode import AEMode
+    from engine.plan.aemode import AEMode
     f = model.factor
     point = _classify(frames, height // f, width // f, AEMode.parse(mode), f)
     th, tw = point.call_lat

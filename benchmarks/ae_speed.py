@@ -46,7 +46,7 @@ from engine.estimate.cache import FitCache  # noqa: E402
 from engine.estimate.timing import AETimeModel, device_name  # noqa: E402
 from engine.models.autoencoder import AutoencoderKL  # noqa: E402
 from engine.planner.autoencode import force_mode, format_bytes, plan_autoencoding  # noqa: E402
-from engine.runtime.aemode import AEMode  # noqa: E402
+from engine.plan.aemode import AEMode  # noqa: E402
 from engine.runtime.autoencode import decode_frames, encode_frames  # noqa: E402
 
 TARGET = 1.10

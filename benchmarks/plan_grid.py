@@ -19,13 +19,13 @@ import tempfile
 from pathlib import Path
 
 from engine.config import load_spec
-from engine.planner.device import GIB, load_catalog
+from engine.device.spec import GIB, load_catalog
 from engine.planner.search import make_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("256", "512", "1024")
 TIMING_SNIPPET = (
-    "from engine.config import load_spec;from engine.planner.device import catalog_device;"
+    "from engine.config import load_spec;from engine.device.spec import catalog_device;"
     "from engine.planner.search import make_plan;s=load_spec('1024');d=catalog_device('rtx-4090-laptop');"
     "a=make_plan(s,576,1024,16,d);b=make_plan(s,576,1024,16,d);print(a.planning_ms,b.planning_ms)")
 

@@ -12,7 +12,7 @@ from engine.estimate.timing import AETimeModel, DirectionTiming, call_layout
 from engine.planner.autoencode import (TIE_TOLERANCE, AEChoice, InfeasibleBudget,
                                        candidate_modes, force_mode, format_bytes,
                                        plan_autoencoding)
-from engine.runtime.aemode import AEMode
+from engine.plan.aemode import AEMode
 
 GIB = 2 ** 30
 FAST = settings(max_examples=60, deadline=None,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.autoencoder import AutoencoderKL, VAEParams
-from engine.runtime.aemode import AEMode
+from engine.plan.aemode import AEMode
 from engine.runtime.autoencode import (apply_autoencode_policy, decode_frames, encode_frames,
                                        get_autoencode_policy, remove_autoencode_policy)
 from engine.runtime.memory_probe import peak_cpu_allocated_bytes

@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from engine.config import load_spec
-from engine.planner.device import GIB, catalog_device, load_catalog, nearest_catalog_device, vram_device
+from engine.device.spec import GIB, catalog_device, load_catalog, nearest_catalog_device, vram_device
 from engine.planner.search import make_plan
 
 STAGES = ["text_encode", "image_encode", "vae_encode", "denoise", "vae_decode"]
 
 
 def vram(size: str):
-    from engine.planner.device import parse_size
+    from engine.device.spec import parse_size
 
     return vram_device(size, like=nearest_catalog_device(parse_size(size)))
 

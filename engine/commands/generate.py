@@ -48,7 +48,7 @@ def _options(args, GenerateOptions, is_demo: bool):
 def plan_for(args, spec, opts):
     """Plan the run for the device it will use; ``--perframe-ae`` becomes a forced setting."""
     from ..device import host_memory, probe_cpu, probe_device
-    from ..planner.device import parse_size
+    from ..device.spec import parse_size
     from ..planner.search import make_plan
 
     force = [args.force] if args.force else []
@@ -73,7 +73,7 @@ def run(args) -> int:
     from ..pipeline.loading import load_model
     from ..pipeline.options import GenerateOptions, resolve_options
     from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
-    from ..planner.device import format_bytes
+    from ..device.spec import format_bytes
 
     is_demo = args.ckpt is None and args.image is None
     spec = load_spec(args.config)

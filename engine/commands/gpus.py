@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..planner.device import format_bytes, load_catalog
+    from ..device.spec import format_bytes, load_catalog
 
     cat = load_catalog()
     if args.json:

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 def resolve_device(vram: str | None, gpu: str | None):
     """``--gpu`` from the catalogue, ``--vram`` alone, or the probed device of this machine."""
-    from ..planner.device import catalog_device, nearest_catalog_device, parse_size, vram_device
+    from ..device.spec import catalog_device, nearest_catalog_device, parse_size, vram_device
 
     if gpu:
         card = catalog_device(gpu)
@@ -35,7 +35,7 @@ def resolve_device(vram: str | None, gpu: str | None):
 def run(args) -> int:
     from ..config import load_spec
     from ..pipeline.options import GenerateOptions, resolve_options
-    from ..planner.device import parse_size
+    from ..device.spec import parse_size
     from ..planner.search import make_plan
 
     spec = load_spec(args.config)

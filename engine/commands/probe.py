@@ -30,7 +30,7 @@ def calibrate_vae(config: str, spec_device) -> float:
 
 def run(args) -> int:
     from ..device import host_memory, probe_device
-    from ..planner.device import format_bytes
+    from ..device.spec import format_bytes
 
     spec = probe_device(measure=not args.no_measure)
     info = {"device": spec.as_dict(), "host": host_memory()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..planner.device import DeviceSpec
+from ..device.spec import DeviceSpec
 
 log = logging.getLogger(__name__)
 

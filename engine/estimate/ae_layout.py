@@ -45,7 +45,7 @@ def call_layout(mode, frames: int, height: int, width: int, downsample: int = 8)
     """The VAE calls :func:`engine.runtime.autoencode.decode_frames` makes for ``mode``.
 
     Args:
-        mode: an :class:`~engine.runtime.aemode.AEMode` (anything with ``chunk``, ``tile``,
+        mode: an :class:`~engine.plan.aemode.AEMode` (anything with ``chunk``, ``tile``,
             ``overlap``).
         frames: frames to encode or decode.
         height, width: frame size in PIXELS (the latent is ``height // downsample``).

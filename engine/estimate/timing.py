@@ -123,7 +123,7 @@ class AETimeModel:
             direction: ``"encode"`` or ``"decode"``.
             frames: frames in the run.
             height, width: frame size in pixels.
-            mode: an :class:`~engine.runtime.aemode.AEMode` or its string form.
+            mode: an :class:`~engine.plan.aemode.AEMode` or its string form.
         """
         return self.breakdown(direction, frames, height, width, mode)["total"]
 
@@ -285,6 +285,6 @@ def _cache_key(vae, device_name: str, dtype) -> str:
 
 def _as_mode(mode):
     if isinstance(mode, str):
-        from ..runtime.aemode import AEMode
+        from ..plan.aemode import AEMode
         return AEMode.parse(mode)
     return mode

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime.aemode import AEMode
+from ..plan.aemode import AEMode
 from ..runtime.autoencode import decode_frames, encode_frames
 from ..runtime.vae_adapter import downsample_factor
 from .cache import FitCache, architecture_hash

@@ -10,7 +10,7 @@ import dataclasses
 from torch import nn
 
 from ..runtime import autoencode as _autoencode
-from ..runtime.aemode import AEMode
+from ..plan.aemode import AEMode
 
 DIRECTIONS = ("decode", "encode")
 FAMILIES = ("batched", "chunked", "tiled")

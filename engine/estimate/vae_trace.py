@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map_only
 
-from ..runtime.aemode import AEMode
+from ..plan.aemode import AEMode
 from ..runtime.autoencode import decode_frames, encode_frames, remove_autoencode_policy
 from .allocator import allocation_bytes, segment_overhead_bytes
 from .kernels import _WORKSPACES, workspace_bytes

@@ -27,8 +27,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from ..runtime.aemode import AEMode
-from .device import format_bytes
+from ..plan.aemode import AEMode
+from ..device.spec import format_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from .costs import DeviceTerms
-from .device import GIB, DeviceSpec
+from ..device.spec import GIB, DeviceSpec
 
 log = logging.getLogger(__name__)
 

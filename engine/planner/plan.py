@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from .device import DeviceSpec, format_bytes
+from ..device.spec import DeviceSpec, format_bytes
 
 STAGE_ORDER = ("text_encode", "image_encode", "vae_encode", "denoise", "vae_decode")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from .costs import (DeviceTerms, reserved_after, resident_bytes, roofline_seconds,
                     transfer_bytes)
-from .device import DeviceSpec, default_reserve, format_bytes
+from ..device.spec import DeviceSpec, default_reserve, format_bytes
 from .plan import STAGE_ORDER, Plan, StagePlan
 from .settings import (CFG_MODES, OFFLOADS, Settings, apply_forced,
                        parse_force, reference_settings)

@@ -3,7 +3,7 @@ backends, precision, offload. Submodules import lazily (some pull in accelerate 
 import importlib
 
 _EXPORTS = {
-    "AEMode": "aemode", "AutoencodeConfig": "autoencode", "AutoencodePolicy": "autoencode",
+    "AEMode": "autoencode", "AutoencodeConfig": "autoencode", "AutoencodePolicy": "autoencode",
     "apply_autoencode_policy": "autoencode", "decode_frames": "autoencode",
     "encode_frames": "autoencode", "get_autoencode_policy": "autoencode",
     "remove_autoencode_policy": "autoencode", "peak_cpu_allocated_bytes": "memory_probe",

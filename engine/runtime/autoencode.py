@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .aemode import AEMode
+from ..plan.aemode import AEMode
 from .tiling import axis_spans, blend_tiles
 from .vae_adapter import VAECall, downsample_factor, module_place
 
