@@ -144,7 +144,7 @@ def _measure_cuda(fn, device) -> dict:
 # ---------------------------------------------------------------- parent: grid and table
 def machine_info(device: str) -> dict:
     """Where the numbers came from."""
-    from engine.device.probe import cpu_name
+    from engine.device.host import cpu_name
 
     cpu = cpu_name()
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
@@ -175,10 +175,10 @@ def comfy_bytes(direction: str, height: int, width: int, frames_in_flight: int, 
 
 def call_extent(model, direction: str, frames: int, height: int, width: int, mode: str):
     """Frames in flight and pixel size of ONE VAE call of the row (a tile when tiled)."""
-    from engine.estimate.vae import _classify
+    from engine.estimate.vae.shapes import classify_call
     from engine.plan.aemode import AEMode
     f = model.factor
-    point = _classify(frames, height // f, width // f, AEMode.parse(mode), f)
+    point = classify_call(frames, height // f, width // f, AEMode.parse(mode), f)
     th, tw = point.call_lat
     return point.features["k"], th * f, tw * f
 

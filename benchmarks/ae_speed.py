@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.config import load_spec  # noqa: E402
-from engine.estimate.cache import FitCache  # noqa: E402
+from engine.estimate.laws.cache import FitCache  # noqa: E402
 from engine.estimate.timing import AETimeModel, device_name  # noqa: E402
 from engine.models.autoencoder import AutoencoderKL  # noqa: E402
 from engine.planner.autoencode import force_mode, format_bytes, plan_autoencoding  # noqa: E402
@@ -80,7 +80,7 @@ class TraceMemory:
     """Fallback memory model: trace the runtime call itself on fake tensors (exact, slower)."""
 
     def __init__(self, vae):
-        from engine.estimate.trace import trace_call
+        from engine.estimate.tracing.trace import trace_call
 
         self.vae, self.trace_call, self.memo = vae, trace_call, {}
 

@@ -53,7 +53,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results" / "parity_dynamicrafter.json"
 
 def machine_info() -> dict:
     """Where the numbers came from."""
-    from engine.device.probe import cpu_name
+    from engine.device.host import cpu_name
 
     cpu = cpu_name()
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),

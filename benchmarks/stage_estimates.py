@@ -1,4 +1,4 @@
-"""Held-out check and timings of the non-VAE stage estimates (``engine.estimate.stages``).
+"""Held-out check and timings of the non-VAE stage estimates (``engine.estimate.unet``).
 
     python benchmarks/stage_estimates.py                 # all three configs, fresh fit cache
     python benchmarks/stage_estimates.py --configs 512   # one config
@@ -30,11 +30,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.config import load_spec  # noqa: E402
 from engine.estimate import FitCache, trace_call  # noqa: E402
-from engine.estimate.stage_models import (attention_family, build_stage_modules,  # noqa: E402
+from engine.estimate.unet.modules import (attention_family, build_stage_modules,  # noqa: E402
                                           precision_of, sdpa_kernel, stage_call,
                                           use_attention)
-from engine.estimate.stage_trace import emulated_autocast  # noqa: E402
-from engine.estimate.stages import StageEstimator  # noqa: E402
+from engine.estimate.tracing.log import emulated_autocast  # noqa: E402
+from engine.estimate.unet.estimator import StageEstimator  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "stage_estimates.json"
 # (precision, attention, CFG batches): the reference run first.
@@ -57,7 +57,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from engine.config import load_spec
 from engine.estimate import FitCache
-from engine.estimate.stages import StageEstimator
+from engine.estimate.unet.estimator import StageEstimator
 t1 = time.perf_counter()
 families = json.loads(sys.argv[2])
 est = StageEstimator(load_spec("1024"), "cuda", cache=FitCache(sys.argv[1]))

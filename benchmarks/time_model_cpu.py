@@ -14,7 +14,7 @@ import torch
 
 from engine.config import load_spec
 from engine.device import probe_device
-from engine.device.probe import cpu_name
+from engine.device.host import cpu_name
 from engine.pipeline.generate import generate
 from engine.pipeline.image_io import EXAMPLE_IMAGE
 from engine.pipeline.loading import load_model

@@ -32,8 +32,8 @@ _EXPORTS = {
     "decode_frames": "engine.runtime.autoencode", "encode_frames": "engine.runtime.autoencode",
     "apply_offload": "engine.runtime.offload", "remove_offload": "engine.runtime.offload",
     "set_attention_backend": "engine.runtime.attention",
-    "VAEMemoryModel": "engine.estimate.vae", "StageEstimator": "engine.estimate.stages",
-    "trace_call": "engine.estimate.trace",
+    "VAEMemoryModel": "engine.estimate.vae.memory", "StageEstimator": "engine.estimate.unet.estimator",
+    "trace_call": "engine.estimate.tracing.trace",
 }
 __all__ = list(_EXPORTS)
 

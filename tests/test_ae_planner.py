@@ -263,7 +263,7 @@ def test_from_flops_needs_flops_source_and_scales():
 def test_real_tiny_vae_models_plan(tmp_path):
     torch = pytest.importorskip("torch")
     from engine.config import load_spec
-    from engine.estimate.cache import FitCache
+    from engine.estimate.laws.cache import FitCache
     from engine.estimate.vae import VAEMemoryModel
     from engine.models.autoencoder import AutoencoderKL
 

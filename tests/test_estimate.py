@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +26,12 @@ from engine.estimate import (
     MemKind,
     Tracer,
     architecture_hash,
+    default_cache_dir,
     fit_scaling_law,
     measure_cpu_peak_bytes,
     trace_call,
 )
-from engine.estimate.scaling import ScalingLaw, parse_term
+from engine.estimate.laws.scaling import ScalingLaw, parse_term
 
 PEAK_TOLERANCE = 0.10
 
@@ -347,3 +351,48 @@ def test_cache_concurrent_writes_leave_a_complete_file(tmp_path):
     assert cache.get("bad") is None
     with pytest.raises(ValueError, match="`key`"):
         cache.path("../escape")
+
+
+def test_cache_default_dir_is_the_platform_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGINE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    import platformdirs
+
+    assert default_cache_dir() == Path(platformdirs.user_cache_dir("engine"))
+    if sys.platform.startswith("linux"):
+        assert default_cache_dir() == tmp_path / "xdg" / "engine"
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"  # ENGINE_CACHE_DIR wins
+
+
+def test_cache_in_an_unwritable_dir_warns_once_and_keeps_fits_in_memory(tmp_path, monkeypatch,
+                                                                          caplog):
+    from engine.estimate.laws import cache as cache_module
+
+    # A directory under a regular file cannot be created by anyone, root included (tests may
+    # run as root, which ignores chmod).
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(cache_module, "_warned_unwritable", False)
+    monkeypatch.setattr(cache_module, "_IN_MEMORY", {})
+    law = ScalingLaw(("1", "n"), (1.0, 2.0))
+    with caplog.at_level(logging.WARNING, logger=cache_module.__name__):
+        FitCache().put_laws("a", {"peak_bytes": law}, meta={"fit": 1})
+        FitCache().put_fit("b", arch="x")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot be written" in warnings[0].getMessage()
+    assert FitCache().get_laws("a")["peak_bytes"].predict({"n": 3}) == 7.0
+    assert FitCache().get_fit("b").sections == {"arch": "x"}
+    assert FitCache(tmp_path / "other").get_fit("b") is None  # per directory
+
+
+def test_cache_entries_of_another_schema_read_as_absent(tmp_path):
+    from engine.estimate.laws.cache import SCHEMA_VERSION
+
+    cache = FitCache(tmp_path)
+    cache.put_fit("k", laws={"flops": ScalingLaw(("1",), (2.0,))}, meta={"m": 1}, extra=[1])
+    fit = cache.get_fit("k")
+    assert fit.meta == {"m": 1} and fit.sections == {"extra": [1]} and "flops" in fit.laws
+    cache.put("k", {**cache.get("k"), "schema": SCHEMA_VERSION - 1})
+    assert cache.get_fit("k") is None and cache.get_laws("k") is None

@@ -1,4 +1,4 @@
-"""Tests for ``engine.estimate.stages``: weight bytes, fitted stage laws against direct fake traces,
+"""Tests for ``engine.estimate.unet``: weight bytes, fitted stage laws against direct fake traces,
 attention and CFG orderings, and the fit cache.
 
 Fits use the tiny config (two traces per family); direct traces at shapes outside the fit set are
@@ -12,13 +12,13 @@ from torch import nn
 
 from engine.config import load_spec
 from engine.estimate import FitCache, trace_call
-from engine.estimate.stage_fits import DENOISE_FIT_SHAPES
-from engine.estimate.stage_models import (attention_family, build_stage_modules, precision_of,
+from engine.estimate.unet.fits import DENOISE_FIT_SHAPES
+from engine.estimate.unet.modules import (attention_family, build_stage_modules, precision_of,
                                           stage_call, use_attention)
-from engine.estimate.stage_trace import emulated_autocast
-from engine.estimate.stage_weights import weight_inventory
-from engine.estimate.stages import StageEstimator, component_weight_bytes
-from engine.estimate.trace import Tracer
+from engine.estimate.tracing.log import emulated_autocast
+from engine.estimate.unet.weights import weight_inventory
+from engine.estimate.unet.estimator import StageEstimator, component_weight_bytes
+from engine.estimate.tracing.trace import Tracer
 
 TOL = 0.02
 AMP = "fp32-autocast"
@@ -152,7 +152,7 @@ def test_second_estimator_loads_fits_without_tracing(estimator, tiny_spec, cache
         raise AssertionError("traced although the fit was cached")
 
     monkeypatch.setattr(Tracer, "__enter__", refuse)
-    monkeypatch.setattr("engine.estimate.trace.trace_call", refuse)
+    monkeypatch.setattr("engine.estimate.tracing.trace.trace_call", refuse)
     again = StageEstimator(tiny_spec, "cuda", cache=FitCache(cache_dir))
     assert again.estimate("denoise", **kw) == first
     assert again.fit_seconds == {}

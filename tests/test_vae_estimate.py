@@ -100,7 +100,7 @@ def test_tiled_below_untiled_at_large_size(tiny_model):
 def test_cache_round_trip_loads_without_tracing(tiny_vae, tiny_model, cache_dir, monkeypatch):
     def no_trace(*args, **kwargs):
         raise AssertionError("a cached fit must not trace")
-    monkeypatch.setattr("engine.estimate.vae_trace._run_traces", no_trace)
+    monkeypatch.setattr("engine.estimate.vae.trace._run_traces", no_trace)
     warm = VAEMemoryModel.for_vae(tiny_vae, cache=FitCache(cache_dir))
     assert {v["source"] for v in warm.report.values()} == {"cache"}
     for direction, frames, height, width, mode in HELD_OUT:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import psutil
 import torch
 
-from ..device.spec import DeviceSpec
+from .host import cpu_name
+from .spec import DeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +22,6 @@ log = logging.getLogger(__name__)
 def host_memory() -> dict:
     vm = psutil.virtual_memory()
     return {"total_bytes": int(vm.total), "available_bytes": int(vm.available)}
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or what platform reports)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _nvml_facts(index: int) -> dict | None:
@@ -96,13 +84,14 @@ def measure_context_bytes(index: int, used_before: int) -> int:
 
 def _cached_measurements(key: str, measure) -> dict:
     """Measurements of this device, taken once and kept in the engine's cache directory."""
-    from ..estimate.cache import FitCache
+    from ..estimate.laws.cache import FitCache
 
     cache = FitCache()
-    values = cache.get(f"device-{key}")
+    fit = cache.get_fit(f"device-{key}")
+    values = fit.sections.get("measurements") if fit is not None else None
     if values is None:
         values = measure()
-        cache.put(f"device-{key}", values)
+        cache.put_fit(f"device-{key}", measurements=values)
     return values
 
 

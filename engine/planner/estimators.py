@@ -1,7 +1,7 @@
 """The estimators one plan needs, bundled per (model, device) and cached in-process.
 
 Everything here answers in microseconds once the fits are on disk: the stage laws
-(:mod:`engine.estimate.stages`), the VAE memory laws (:mod:`engine.estimate.vae`), an
+(:mod:`engine.estimate.unet`), the VAE memory laws (:mod:`engine.estimate.vae`), an
 autoencoding time model (calibrated on this machine when a calibration is cached, otherwise
 derived from the device's FLOP rate), and the device overhead terms.
 """
@@ -47,7 +47,7 @@ class Estimators:
     """Stage, VAE-memory and VAE-time models for one spec on one device."""
 
     def __init__(self, spec, device: DeviceSpec):
-        from ..estimate.stages import StageEstimator
+        from ..estimate.unet import StageEstimator
 
         self.spec, self.device = spec, device
         self.device_type = "cpu" if device.kind == "cpu" else "cuda"

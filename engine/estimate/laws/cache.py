@@ -1,13 +1,21 @@
-"""Disk cache of fitted scaling laws, keyed by what determines them: the architecture and mode.
+"""The one disk cache of everything the estimator fits, keyed by what determines it.
 
-One JSON file per key under ``$ENGINE_CACHE_DIR/fits`` (default ``~/.cache/engine/fits``). Writes
-go to a temporary file in the same directory and are moved into place with ``os.replace``, which
-is atomic on POSIX and Windows, so concurrent writers never leave a torn file: the last complete
-write wins, and a reader sees either the old or the new file.
+Every fit (the VAE's memory laws, the UNet and encoder laws and their indices, the AE time
+model, the device measurements of ``engine probe``) is one JSON entry written by
+:meth:`FitCache.put_fit` and read by :meth:`FitCache.get_fit`, stamped with the single
+:data:`SCHEMA_VERSION`; an entry of another version reads as absent, so it is refitted.
+
+Entries live under ``$ENGINE_CACHE_DIR/fits``, else under the platform's user cache directory
+(``platformdirs.user_cache_dir("engine")``, which honours ``XDG_CACHE_HOME``). Writes go to a
+temporary file in the same directory and are moved into place with ``os.replace``, which is atomic
+on POSIX and Windows, so concurrent writers never leave a torn file: the last complete write wins,
+and a reader sees either the old or the new file. When the directory cannot be written, one
+warning is logged per process and entries are kept in memory for the rest of the process.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,22 +24,28 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import platformdirs
 from torch import nn
 
 from .scaling import ScalingLaw
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FitCache", "architecture_hash", "default_cache_dir"]
+__all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "architecture_hash", "default_cache_dir"]
 
-# Bump when the meaning of cached fits changes (new trace semantics, new features).
-SCHEMA_VERSION = 1
+# The one version of every cached entry. Bump when the meaning of any cached fit changes (trace
+# semantics, features, the VAE's fit shapes, terms or phase rules, the time model's fields).
+SCHEMA_VERSION = 3
+
+# Entries that could not be written, per cache directory, kept for the rest of the process.
+_IN_MEMORY: dict[Path, dict[str, dict[str, Any]]] = {}
+_warned_unwritable = False
 
 
 def default_cache_dir() -> Path:
-    """``$ENGINE_CACHE_DIR`` when set, else ``~/.cache/engine``."""
+    """``$ENGINE_CACHE_DIR`` when set, else ``platformdirs.user_cache_dir("engine")``."""
     env = os.environ.get("ENGINE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "engine"
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("engine"))
 
 
 def architecture_hash(module: nn.Module, mode: str = "", *,
@@ -57,18 +71,35 @@ def architecture_hash(module: nn.Module, mode: str = "", *,
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedFit:
+    """One entry as :meth:`FitCache.get_fit` returns it.
+
+    Attributes:
+        laws: the named scaling laws stored with the entry (may be empty).
+        meta: free-form details of the fit (fit shapes, timings, errors).
+        sections: any further JSON sections the entry's owner stored (e.g. the VAE's phases).
+    """
+
+    laws: Mapping[str, ScalingLaw]
+    meta: Mapping[str, Any]
+    sections: Mapping[str, Any]
+
+
 class FitCache:
-    """JSON files of fits, one per key, safe under concurrent writers.
+    """JSON entries of fits, one file per key, safe under concurrent writers.
 
     Args:
-        root: the cache directory; defaults to :func:`default_cache_dir`. Fits live in its
+        root: the cache directory; defaults to :func:`default_cache_dir`. Entries live in its
             ``fits`` subdirectory.
 
     Example::
 
         cache = FitCache()
         key = architecture_hash(vae, "decode/per_frame")
-        laws = cache.get_laws(key) or fit_and_store(...)
+        fit = cache.get_fit(key)
+        if fit is None:
+            cache.put_fit(key, laws={"peak_bytes": law}, meta={"fit_seconds": 2.0})
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
@@ -82,23 +113,35 @@ class FitCache:
                              "`architecture_hash`.")
         return self.dir / f"{key}.json"
 
+    # -- raw JSON ------------------------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored payload for ``key``, or None when absent or unreadable."""
         path = self.path(key)
+        held = _IN_MEMORY.get(self.dir, {}).get(key)
+        if held is not None:
+            return json.loads(json.dumps(held))
         try:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as err:
             logger.warning("ignoring unreadable fit cache file %s (%s)", path, err)
             return None
 
     def put(self, key: str, payload: Mapping[str, Any]) -> Path:
-        """Store a JSON-serialisable ``payload`` under ``key`` atomically; return its path."""
+        """Store a JSON-serialisable ``payload`` under ``key`` atomically; return its path.
+
+        When the directory cannot be written the payload is kept in memory for this process
+        (one warning per process) and planning goes on.
+        """
         path = self.path(key)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.dir)
+        except OSError as err:
+            self._keep_in_memory(key, payload, err)
+            return path
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(payload, handle, indent=1, sort_keys=True)
@@ -111,17 +154,61 @@ class FitCache:
             raise
         return path
 
+    def _keep_in_memory(self, key: str, payload: Mapping[str, Any], err: OSError) -> None:
+        global _warned_unwritable
+        if not _warned_unwritable:
+            _warned_unwritable = True
+            logger.warning("the fit cache directory %s cannot be written (%s); fits are kept in "
+                           "memory for this process and refitted next time; set "
+                           "`ENGINE_CACHE_DIR` to a writable directory to keep them.",
+                           self.dir, err)
+        _IN_MEMORY.setdefault(self.dir, {})[key] = json.loads(json.dumps(payload))
+
+    # -- fits ----------------------------------------------------------------------------------
+    def put_fit(self, key: str, *, laws: Mapping[str, ScalingLaw] | None = None,
+                meta: Mapping[str, Any] | None = None, **sections: Any) -> Path:
+        """Store one fit under ``key``, stamped with :data:`SCHEMA_VERSION`.
+
+        Args:
+            key: the entry's name, e.g. from :func:`architecture_hash`.
+            laws: named scaling laws (``{"peak_bytes": law, "flops": law}``).
+            meta: free-form JSON details of the fit.
+            **sections: further JSON sections the owner reads back from
+                :attr:`CachedFit.sections`.
+        """
+        reserved = {"schema", "laws", "meta"} & set(sections)
+        if reserved:
+            raise ValueError(f"`sections` may not be named {sorted(reserved)}; pass them as "
+                             "`laws`/`meta`.")
+        payload = {"schema": SCHEMA_VERSION, "meta": dict(meta or {}),
+                   "laws": {name: law.to_dict() for name, law in (laws or {}).items()},
+                   **sections}
+        return self.put(key, payload)
+
+    def get_fit(self, key: str) -> CachedFit | None:
+        """The fit stored under ``key`` by :meth:`put_fit`, or None when absent, written under
+        another :data:`SCHEMA_VERSION`, or malformed (then with a warning)."""
+        payload = self.get(key)
+        if payload is None:
+            return None
+        if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_VERSION:
+            logger.info("cached fit %s has another schema version; refitting", key)
+            return None
+        try:
+            laws = {name: ScalingLaw.from_dict(d) for name, d in payload["laws"].items()}
+            meta = dict(payload["meta"])
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
+            logger.warning("ignoring malformed fit %s in the cache (%s); refitting", key, err)
+            return None
+        sections = {k: v for k, v in payload.items() if k not in ("schema", "laws", "meta")}
+        return CachedFit(laws, meta, sections)
+
     def get_laws(self, key: str) -> dict[str, ScalingLaw] | None:
         """The named laws stored with :meth:`put_laws`, or None."""
-        payload = self.get(key)
-        if payload is None or "laws" not in payload:
-            return None
-        return {name: ScalingLaw.from_dict(d) for name, d in payload["laws"].items()}
+        fit = self.get_fit(key)
+        return dict(fit.laws) if fit is not None and fit.laws else None
 
     def put_laws(self, key: str, laws: Mapping[str, ScalingLaw],
                  meta: Mapping[str, Any] | None = None) -> Path:
         """Store named laws (e.g. ``{"peak_bytes": law, "flops": law}``) plus free-form ``meta``."""
-        payload = {"schema": SCHEMA_VERSION, "meta": dict(meta or {}),
-                   "laws": {name: law.to_dict() for name, law in laws.items()}}
-        return self.put(key, payload)
-
+        return self.put_fit(key, laws=laws, meta=meta)

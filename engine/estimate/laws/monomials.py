@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .scaling import ScalingLaw
-from .stage_trace import TraceLog
+from ..tracing.log import TraceLog
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Calibration measurements of the AE time model (see :mod:`engine.estimate.timing`).
+"""Calibration measurements of the AE time model (see :mod:`engine.estimate.timing.model`).
 
 Short real calls on the device: a ladder of single VAE calls gives ``per_call_s``, ``s(p)`` and
 the batch factor ``r(k)`` (:func:`_ladder`, :func:`_fit_direction`); tile blending and chunk
@@ -12,13 +12,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..device.probe import cpu_name
-from .timing_terms import DirectionTiming, _loglog
-
-if TYPE_CHECKING:
-    from .timing import AETimeModel
+from ...device.host import cpu_name
+from .terms import DirectionTiming, loglog
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +46,10 @@ def device_name(device) -> str:
     return dev.type
 
 
-def _check_place(vae, device, dtype):
+def check_place(vae, device, dtype):
     import torch
 
-    from ..runtime.vae_adapter import module_place
+    from ...runtime.vae_adapter import module_place
 
     own_device, own_dtype = module_place(vae)
     device = torch.device(device) if device is not None else (own_device or torch.device("cpu"))
@@ -107,15 +104,15 @@ def _in_channels(vae) -> int:
     return int(getattr(getattr(vae, "config", None), "in_channels", 3) or 3)
 
 
-def _vae_info(vae, device) -> dict[str, Any]:
+def vae_info(vae, device) -> dict[str, Any]:
     """Downsample factor, channels and the exact FLOP terms ``(a, b)`` of each direction, from
     three fake-tensor traces (two to solve, one to check)."""
     import torch
 
-    from ..runtime.autoencode import decode_frames, encode_frames
-    from ..runtime.vae_adapter import downsample_factor
-    from .scaling import fit_scaling_law
-    from .trace import trace_call
+    from ...runtime.autoencode import decode_frames, encode_frames
+    from ...runtime.vae_adapter import downsample_factor
+    from ..laws.scaling import fit_scaling_law
+    from ..tracing.trace import trace_call
 
     f, zc, xc = downsample_factor(vae), _latent_channels(vae), _in_channels(vae)
     calls = {"decode": (lambda z: decode_frames(vae, z, "batched"), zc, 1),
@@ -202,11 +199,11 @@ def _fit_direction(points: list[dict[str, float]], flop_terms: tuple[float, floa
     for pt in points:
         if pt["frames"] > 1 and single[0][0] <= pt["p"] <= single[-1][0]:
             ratios.setdefault(float(pt["frames"]), []).append(
-                math.log(rate(pt) / _loglog(single, pt["p"])))
+                math.log(rate(pt) / loglog(single, pt["p"])))
     batch = ((1.0, 1.0),) + tuple(
         (k, min(2.0, max(0.5, math.exp(sum(v) / len(v))))) for k, v in sorted(ratios.items()))
     # multi-frame rungs beyond the one-frame range extend s(p), divided by their batch factor
-    extra = tuple((float(pt["p"]), rate(pt) / _loglog(batch, pt["frames"])) for pt in points
+    extra = tuple((float(pt["p"]), rate(pt) / loglog(batch, pt["frames"])) for pt in points
                   if pt["frames"] > 1 and pt["p"] > single[-1][0])
     knots = tuple(sorted(dict(single + extra).items()))
     return DirectionTiming(per_call, knots, flop_terms[0], flop_terms[1], out_channels,
@@ -218,7 +215,7 @@ def _measure_blend(device, dtype, f: int) -> dict[str, float]:
     a stand-in decoder that returns a fixed tile (so only the runtime's own work is timed)."""
     import torch
 
-    from ..runtime.tiling import axis_spans, blend_tiles
+    from ...runtime.tiling import axis_spans, blend_tiles
 
     spans = axis_spans(32, 16, 4)  # 3 x 3 tiles of 16 latents, as a 256x256 decode with 128 tiles
     tile_px, channels = (16 * f) ** 2, 3
@@ -240,7 +237,7 @@ def _measure_blend(device, dtype, f: int) -> dict[str, float]:
             "copy_s_per_elem": copy / src.numel()}
 
 
-def _holdout(model: AETimeModel, run_mode: Callable[[str, int, int], Callable[[], Any]],
+def _holdout(model: Any, run_mode: Callable[[str, int, int], Callable[[], Any]],
              device, side: int, budget_s: float) -> list[dict[str, Any]]:
     """Time a few multi-call runs the ladder never saw and record the prediction error."""
     f = model.downsample
@@ -260,15 +257,16 @@ def _holdout(model: AETimeModel, run_mode: Callable[[str, int, int], Callable[[]
     return out
 
 
-def _calibrate(vae, device, dtype, name: str, budget_s: float,
-               max_latent_pixels: int) -> AETimeModel:
+def measure_and_fit(model_cls: Callable[..., Any], vae, device, dtype, name: str, budget_s: float,
+                    max_latent_pixels: int) -> Any:
+    """Measure ``vae`` and build the fitted ``model_cls`` (:class:`~.model.AETimeModel`, passed in
+    so this module does not import the model that imports it)."""
     import torch
 
-    from ..runtime.autoencode import decode_frames, encode_frames
-    from .timing import AETimeModel
+    from ...runtime.autoencode import decode_frames, encode_frames
 
     start = time.perf_counter()
-    info = _vae_info(vae, device)
+    info = vae_info(vae, device)
     f, zc, xc = info["downsample"], info["latent_channels"], info["in_channels"]
 
     def run(direction):
@@ -292,7 +290,7 @@ def _calibrate(vae, device, dtype, name: str, budget_s: float,
                                                info["out_channels"][direction],
                                                f if direction == "decode" else 1)
         blend = _measure_blend(device, dtype, f)
-        model = AETimeModel(fitted["decode"], fitted["encode"], f, **blend, source="measured",
+        model = model_cls(fitted["decode"], fitted["encode"], f, **blend, source="measured",
                             device=name, dtype=str(dtype))
         side = max([p["side"] for p in ladders["decode"] if p["frames"] == 1 and p["side"] <= 32]
                    + [2])

@@ -46,16 +46,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .ae_layout import CallLayout, call_layout
-from .timing_calibrate import _calibrate, _check_place, _vae_info, device_name
-from .timing_terms import DirectionTiming
+from ..laws.cache import SCHEMA_VERSION, FitCache, architecture_hash
+from .calibrate import check_place, device_name, measure_and_fit, vae_info
+from .layout import CallLayout, call_layout
+from .terms import DirectionTiming
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AETimeModel", "CallLayout", "DirectionTiming", "call_layout", "device_name"]
 
 DIRECTIONS = ("encode", "decode")
-SCHEMA = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,15 +146,15 @@ class AETimeModel:
         """A JSON-ready dict; :meth:`from_dict` inverts it."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out.update(decode=self.decode.to_dict(), encode=self.encode.to_dict(),
-                   meta=dict(self.meta), schema=SCHEMA, kind="ae_time")
+                   meta=dict(self.meta), schema=SCHEMA_VERSION, kind="ae_time")
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AETimeModel:
         """Rebuild a model from :meth:`to_dict` output."""
-        if data.get("kind") != "ae_time" or data.get("schema") != SCHEMA:
+        if data.get("kind") != "ae_time" or data.get("schema") != SCHEMA_VERSION:
             raise ValueError("`data` is not an AE time model of schema "
-                             f"{SCHEMA}; recalibrate with `AETimeModel.calibrate`.")
+                             f"{SCHEMA_VERSION}; recalibrate with `AETimeModel.calibrate`.")
         return cls(decode=DirectionTiming.from_dict(data["decode"]),
                    encode=DirectionTiming.from_dict(data["encode"]),
                    downsample=int(data["downsample"]),
@@ -191,7 +191,7 @@ class AETimeModel:
         if device_flops_per_s <= 0 or per_call_s < 0:
             raise ValueError(f"`device_flops_per_s` ({device_flops_per_s}) must be > 0 and "
                              f"`per_call_s` ({per_call_s}) >= 0; pass the card's FLOP/s.")
-        info = _vae_info(vae, "cpu") if vae is not None else None
+        info = vae_info(vae, "cpu") if vae is not None else None
         if flop_terms is None and info is None:
             raise ValueError("`from_flops` needs `vae` or `flop_terms` to know the VAE's FLOPs; "
                              "pass the VAE (it may live on the meta device).")
@@ -216,15 +216,13 @@ class AETimeModel:
         --calibrate CONFIG``) and fall back to :meth:`from_flops` without one. ``vae`` may live on
         the meta device: only its architecture is hashed.
         """
-        from .cache import FitCache
-
         store = cache if cache is not None else FitCache()
         name = device_name(device)
-        payload = store.get(_cache_key(vae, name, dtype))
-        if payload is None:
+        fit = store.get_fit(_cache_key(vae, name, dtype))
+        if fit is None:
             return None
         try:
-            model = cls.from_dict(payload)
+            model = cls.from_dict(fit.sections["model"])
         except (KeyError, TypeError, ValueError) as err:
             logger.warning("ignoring cached AE time model for %s (%s)", name, err)
             return None
@@ -245,7 +243,7 @@ class AETimeModel:
             dtype: the dtype to measure; defaults to the VAE's parameter dtype.
             budget_s: rough wall-clock budget for the measurements; larger calls are skipped
                 when the next one would not fit (the two smallest always run).
-            cache: a :class:`~engine.estimate.cache.FitCache`; None uses the default cache
+            cache: a :class:`~engine.estimate.laws.cache.FitCache`; None uses the default cache
                 directory, False disables caching.
             refresh: measure even when a cached model exists (and overwrite it).
             max_latent_pixels: largest ``frames x latent pixels`` of one calibration call (keeps
@@ -258,18 +256,16 @@ class AETimeModel:
             >>> tm = AETimeModel.calibrate(vae, budget_s=20)
             >>> tm.predict("decode", 16, 320, 512, "chunk:4")
         """
-        from .cache import FitCache
-
-        device, dtype = _check_place(vae, device, dtype)
+        device, dtype = check_place(vae, device, dtype)
         name = device_name(device)
         store = None if cache is False else (cache if cache is not None else FitCache())
         if store is not None and not refresh:
             model = cls.cached(vae, device=device, dtype=dtype, cache=store)
             if model is not None:
                 return model
-        model = _calibrate(vae, device, dtype, name, budget_s, max_latent_pixels)
+        model = measure_and_fit(cls, vae, device, dtype, name, budget_s, max_latent_pixels)
         if store is not None:
-            path = store.put(_cache_key(vae, name, dtype), model.to_dict())
+            path = store.put_fit(_cache_key(vae, name, dtype), model=model.to_dict())
             logger.info("stored AE time model for %s in %s", name, path)
         return model
 
@@ -277,14 +273,12 @@ class AETimeModel:
 def _cache_key(vae, device_name: str, dtype) -> str:
     import torch
 
-    from .cache import architecture_hash
-
     return architecture_hash(vae, "ae_time", extra={"device": device_name, "dtype": str(dtype),
-                                                    "torch": torch.__version__, "schema": SCHEMA})
+                                                    "torch": torch.__version__})
 
 
 def _as_mode(mode):
     if isinstance(mode, str):
-        from ..plan.aemode import AEMode
+        from ...plan.aemode import AEMode
         return AEMode.parse(mode)
     return mode

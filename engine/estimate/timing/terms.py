@@ -39,7 +39,7 @@ class DirectionTiming:
     def seconds_per_flop(self, p: float, frames: int = 1) -> float:
         """``s(p)`` times the batch factor of ``frames``: each interpolated linearly in log-log
         between knots and held flat outside them."""
-        return _loglog(self.knots, p) * _loglog(self.batch_knots, frames)
+        return loglog(self.knots, p) * loglog(self.batch_knots, frames)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -56,7 +56,7 @@ class DirectionTiming:
                    pairs("batch_knots", ((1.0, 1.0),)))
 
 
-def _loglog(knots: tuple[tuple[float, float], ...], x: float) -> float:
+def loglog(knots: tuple[tuple[float, float], ...], x: float) -> float:
     """Piecewise-linear interpolation of ``log y`` over ``log x``; flat outside the knots."""
     if x <= knots[0][0]:
         return knots[0][1]

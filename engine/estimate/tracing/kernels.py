@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDPA_BACKENDS", "FidelityMode", "register_workspace", "workspace_bytes"]
+__all__ = ["SDPA_BACKENDS", "FidelityMode", "has_workspace", "register_workspace", "workspace_bytes"]
 
 WorkspaceFn = Callable[[tuple, dict, Any], int]
 _WORKSPACES: dict[tuple[str, Any], WorkspaceFn] = {}
@@ -46,6 +46,11 @@ def register_workspace(device_type: str, op: Any) -> Callable[[WorkspaceFn], Wor
         _WORKSPACES[(device_type, op)] = fn
         return fn
     return wrap
+
+
+def has_workspace(func: Any, device_type: str) -> bool:
+    """Whether a workspace model is registered for ``func`` on ``device_type``."""
+    return (device_type, func) in _WORKSPACES
 
 
 def workspace_bytes(func: Any, args: tuple, kwargs: dict, out: Any, device_type: str) -> int:

@@ -1,10 +1,10 @@
 """One fake trace of a stage, kept as an event log that scaling laws can be derived from.
 
-:class:`LogTracer` is a :class:`~engine.estimate.trace.Tracer` that also writes down, in order,
+:class:`LogTracer` is a :class:`~engine.estimate.tracing.trace.Tracer` that also writes down, in order,
 every allocation (its exact byte size, before and after the CUDA allocator's rounding), every free,
 every kernel scratch transient, the FLOPs of every op and the bytes every non-view op reads and
 writes. Because the UNet's op sequence does not depend on the latent shape, two logs of the same
-call at two shapes line up item by item; :mod:`engine.estimate.monomials` then reads each item's
+call at two shapes line up item by item; :mod:`engine.estimate.laws.monomials` then reads each item's
 size as a monomial in the shape features and rebuilds the whole memory timeline as a formula.
 
 :func:`emulated_autocast` is ``torch.autocast`` without its availability check: ``torch.autocast(

@@ -4,7 +4,7 @@ On CPU there are no allocator statistics, so the peak is rebuilt from the profil
 events: every allocation and free the PyTorch CPU allocator makes is an event with a signed size;
 their running sum, in time order, is the bytes allocated since the call began. Its maximum is the
 peak of NEW allocations, excluding weights and inputs that existed before, which is what
-:attr:`engine.estimate.trace.TraceResult.peak_new_bytes` estimates.
+:attr:`engine.estimate.tracing.trace.TraceResult.peak_new_bytes` estimates.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ fakes), ``INPUTS`` every other tensor that existed before the call, ``ACTIVATION
 still alive when the next op starts, ``TEMPORARIES`` op outputs dropped before the next op starts
 (discarded statistics of norms, results nobody keeps) plus kernel scratch memory.
 
-What real kernels do that fakes do not show is corrected in :mod:`engine.estimate.kernels`:
+What real kernels do that fakes do not show is corrected in :mod:`engine.estimate.tracing.kernels`:
 modelled workspaces (CPU im2col convolution, oneDNN reorders, CPU flash attention), the in-place
 bias add of ``linear`` and the choice of attention kernel. Validated on CPU against the
 profiler's allocation events (exact on the tested models); the CUDA path (512-byte blocks) is
@@ -72,7 +72,7 @@ class TraceResult:
 
     ``peak_bytes`` is the tensor-level peak (pre-existing weights and inputs included) and
     ``peak_by_kind`` its split; ``peak_new_bytes`` the peak of bytes allocated during the call,
-    the quantity :func:`engine.estimate.measure.measure_cpu_peak_bytes` measures. On CUDA each
+    the quantity :func:`engine.estimate.tracing.measure.measure_cpu_peak_bytes` measures. On CUDA each
     storage is rounded to 512-byte blocks; ``allocator_overhead_bytes`` is the separate,
     approximate segment overhead at the peak (0 elsewhere). ``retained_bytes`` are the new bytes
     still alive when the call returned (its outputs and anything it cached). ``bytes_moved`` sums
@@ -147,7 +147,7 @@ class Tracer:
         sdpa_backend: the attention kernel to trace ``F.scaled_dot_product_attention`` with:
             ``"auto"`` (what PyTorch picks on the device; flash/memory-efficient on CUDA),
             ``"native"``, ``"flash"``, ``"efficient"`` or ``"math"``; see
-            :class:`engine.estimate.kernels.FidelityMode`.
+            :class:`engine.estimate.tracing.kernels.FidelityMode`.
         record_timeline: keep ``(op name, live new bytes)`` after every op in the result.
 
     Example::

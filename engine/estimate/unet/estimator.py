@@ -3,8 +3,8 @@
 :class:`StageEstimator` answers ``estimate(stage, height=, width=, frames=, precision=,
 attention=, cfg_batch=)`` for ``text_encode``, ``image_encode`` and ``denoise`` (one UNet call) in
 well under a millisecond once a fit is loaded. Fits come from fake traces of the real modules
-built on the meta device (:mod:`engine.estimate.stage_fits`), two traces per family, and are kept
-in the :class:`~engine.estimate.cache.FitCache`; a small index keyed by the spec and the code maps
+built on the meta device (:mod:`engine.estimate.unet.fits`), two traces per family, and are kept
+in the :class:`~engine.estimate.laws.cache.FitCache`; a small index keyed by the spec and the code maps
 a spec to its architecture hashes and weight counts, so a warm process builds no model at all.
 
 Example::
@@ -24,14 +24,13 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .cache import FitCache, architecture_hash
-from .monomials import MonomialLaws
-from .scaling import ScalingLaw
-from .stage_fits import const_laws, family_key, fit_stage, spec_digest
-from .stage_models import (attention_family, build_stage_modules, clip_image_size, precision_of,
+from ..laws.cache import FitCache, architecture_hash
+from ..laws.monomials import MonomialLaws
+from .fits import const_laws, family_key, fit_stage, spec_digest
+from .modules import (attention_family, build_stage_modules, clip_image_size, precision_of,
                            preprocess_call)
-from .stage_trace import trace_log
-from .stage_weights import bytes_in, component_weight_bytes, weight_inventory
+from ..tracing.log import trace_log
+from .weights import bytes_in, component_weight_bytes, weight_inventory
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +207,13 @@ class StageEstimator:
         """The stage's architecture hash, from the spec-keyed index or by building it on meta."""
         if stage not in self._arch:
             key = f"stages-index-{spec_digest(self.spec, stage)}"
-            payload = self.cache.get(key)
-            if payload is None or "arch" not in payload:
+            fit = self.cache.get_fit(key)
+            arch = fit.sections.get("arch") if fit is not None else None
+            if arch is None:
                 mods = self._stage_modules(stage, torch.float32)
-                payload = {"arch": architecture_hash(torch.nn.ModuleList(mods), stage)}
-                self.cache.put(key, payload)
-            self._arch[stage] = payload["arch"]
+                arch = architecture_hash(torch.nn.ModuleList(mods), stage)
+                self.cache.put_fit(key, arch=arch)
+            self._arch[stage] = arch
         return self._arch[stage]
 
     def _family(self, stage, precision, kinds, regime) -> tuple[MonomialLaws, dict]:
@@ -221,17 +221,16 @@ class StageEstimator:
         key = family_key(stage, self._arch_hash(stage), prec.family, kinds, regime,
                          self.device_type)
         if key not in self._laws:
-            payload = self.cache.get(key)
-            if payload is not None and "laws" in payload:
-                laws = {n: ScalingLaw.from_dict(d) for n, d in payload["laws"].items()}
-                meta = payload["meta"]
-                fitted = MonomialLaws.from_laws(laws, meta["features"], meta["exponents"],
-                                                meta["unmatched_fraction"])
+            fit = self.cache.get_fit(key)
+            if fit is not None and fit.laws:
+                meta = dict(fit.meta)
+                fitted = MonomialLaws.from_laws(dict(fit.laws), meta["features"],
+                                                meta["exponents"], meta["unmatched_fraction"])
             else:
                 mods = self._stage_modules(stage, prec.weight_dtype)
                 fitted, meta = fit_stage(self.spec, stage, prec, kinds, regime, self.device_type,
                                          mods)
-                self.cache.put_laws(key, fitted.to_laws(meta["feature_ranges"]), meta)
+                self.cache.put_fit(key, laws=fitted.to_laws(meta["feature_ranges"]), meta=meta)
                 self.fit_seconds[key] = meta["fit_seconds"]
             self._laws[key] = (fitted, meta)
         return self._laws[key]
@@ -248,13 +247,13 @@ class StageEstimator:
     def _weights(self) -> dict:
         if self._inventory is None:
             key = f"stages-weights-{spec_digest(self.spec, 'weights')}"
-            payload = self.cache.get(key)
-            if payload is None:
-                from ..models.lvdm import COMPONENTS, build_model
+            fit = self.cache.get_fit(key)
+            inventory = fit.sections.get("inventory") if fit is not None else None
+            if inventory is None:
+                from ...models.lvdm import COMPONENTS, build_model
 
                 model = build_model(self.spec, device="meta")
-                payload = weight_inventory({n: model.component(n) for n in COMPONENTS})
-                self.cache.put(key, payload)
-            self._inventory = payload
+                inventory = weight_inventory({n: model.component(n) for n in COMPONENTS})
+                self.cache.put_fit(key, inventory=inventory)
+            self._inventory = inventory
         return self._inventory
-

@@ -2,7 +2,7 @@
 
 ``denoise`` is fitted per (precision family, attention backends, CFG regime, device type) from two
 traces whose batch, frame and latent-pixel ratios are 2, 3 and 5 (see
-:mod:`engine.estimate.monomials`). Batch 1 is its own regime: with a size-1 batch, einops'
+:mod:`engine.estimate.laws.monomials`). Batch 1 is its own regime: with a size-1 batch, einops'
 ``(b t) -> b t`` rearranges are views, with two or more they are copies, so the op sequence
 differs. ``text_encode`` and the vision tower of ``image_encode`` run at fixed shapes and are
 traced directly at each batch they are used with (1 or 2); only the image preprocessing depends
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .monomials import MonomialLaws, derive_laws
-from .stage_models import (Precision, build_stage_modules, clip_image_size, sdpa_kernel, stage_call,
+from ..laws.cache import SCHEMA_VERSION
+from ..laws.monomials import MonomialLaws, derive_laws
+from .modules import (Precision, build_stage_modules, clip_image_size, sdpa_kernel, stage_call,
                            use_attention)
-from .stage_trace import TraceLog, trace_log
+from ..tracing.log import TraceLog, trace_log
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +39,23 @@ DENOISE_FIT_SHAPES = {
 _MAX_EXPONENTS = {"b": 2, "f": 3, "hw": 2}
 # Modules whose weights DynamiCrafter leaves requires_grad=True, so autocast caches their casts.
 _GRAD_MODULES = {"denoise": (0,), "image_encode": (1,), "text_encode": ()}
-_SOURCES = ("models/*.py", "estimate/trace.py", "estimate/kernels.py", "estimate/fake.py",
-            "estimate/allocator.py", "estimate/stage_trace.py", "estimate/monomials.py",
-            "estimate/stage_models.py", "estimate/stage_fits.py", "estimate/stage_weights.py")
+_SOURCES = ("models/*.py", "estimate/tracing/*.py", "estimate/laws/monomials.py",
+            "estimate/unet/*.py")
 
 
 @lru_cache(maxsize=1)
 def source_digest() -> str:
-    """Digest of the code a fit depends on (model classes, tracer) and of torch and open_clip."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256(torch.__version__.encode())
+    """Digest of the code a fit depends on (model classes, tracer), of torch and open_clip, and of
+    the cache's :data:`~engine.estimate.laws.cache.SCHEMA_VERSION`."""
+    root = Path(__file__).resolve().parents[2]  # engine/
+    h = hashlib.sha256(f"{SCHEMA_VERSION}|{torch.__version__}".encode())
     try:
         h.update(importlib.metadata.version("open_clip_torch").encode())
     except importlib.metadata.PackageNotFoundError:
         pass
     for pattern in _SOURCES:
         for path in sorted(root.glob(pattern)):
-            h.update(path.name.encode() + path.read_bytes())
+            h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..models.attention_ops import parse_backend
+from ...models.attention_ops import parse_backend
 
 __all__ = ["PRECISIONS", "Precision", "attention_family", "build_stage_modules", "clip_image_size",
            "precision_of", "preprocess_call", "sdpa_kernel", "stage_call", "use_attention"]
@@ -91,7 +91,7 @@ def use_attention(module: nn.Module, kinds: tuple[str, str]) -> Iterator[None]:
     xformers is traced as SDPA (with the memory-efficient kernel picked by :func:`sdpa_kernel`):
     it need not import on the planning machine.
     """
-    from ..models.transformers import CrossAttention, SpatialTransformer, TemporalTransformer
+    from ...models.transformers import CrossAttention, SpatialTransformer, TemporalTransformer
 
     names = {k: ("sdpa" if k == "xformers" else f"chunked:{_ONE_CHUNK}" if k == "chunked" else k)
              for k in kinds}
@@ -120,10 +120,10 @@ def build_stage_modules(spec, stage: str, dtype: torch.dtype) -> tuple[nn.Module
         stage: ``text_encode``, ``image_encode`` or ``denoise``.
         dtype: the weight dtype.
     """
-    from ..models.clip import ImageEncoder, TextEncoder
-    from ..models.lvdm import DiffusionWrapper
-    from ..models.resampler import Resampler
-    from ..models.unet import UNetModel
+    from ...models.clip import ImageEncoder, TextEncoder
+    from ...models.lvdm import DiffusionWrapper
+    from ...models.resampler import Resampler
+    from ...models.unet import UNetModel
 
     with torch.device("meta"):
         if stage == "denoise":
@@ -176,7 +176,7 @@ def stage_call(stage: str, modules: tuple[nn.Module, ...], shape: dict[str, int]
 
 def clip_image_size(spec) -> tuple[int, int]:
     """The vision tower's input size (every image is resized to it before encoding)."""
-    from ..models.clip import clip_config
+    from ...models.clip import clip_config
 
     size = clip_config(spec.image_arch)["vision_cfg"].get("image_size", 224)
     return (size, size) if isinstance(size, int) else tuple(size)
@@ -189,7 +189,7 @@ def preprocess_call(spec, b: int, height: int, width: int,
     The encoder's own ``preprocess`` runs on a stand-in that carries only the input size and the
     two normalisation constants, so no vision tower is built or swapped for fakes.
     """
-    from ..models.clip import ImageEncoder
+    from ...models.clip import ImageEncoder
 
     visual = SimpleNamespace(image_size=clip_image_size(spec))
 

@@ -1,7 +1,7 @@
 """Weight bytes of each DynamiCrafter component, counted on the meta device.
 
 Counts are kept per component as floating elements plus other bytes, so one inventory gives the
-bytes in every precision; :class:`~engine.estimate.stages.StageEstimator` caches the inventory on
+bytes in every precision; :class:`~engine.estimate.unet.estimator.StageEstimator` caches the inventory on
 disk so a warm process does not build the 2.6B-parameter model at all.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Mapping
 
 from torch import nn
 
-from .stage_models import precision_of
+from .modules import precision_of
 
 __all__ = ["bytes_in", "component_weight_bytes", "weight_inventory"]
 
@@ -34,7 +34,7 @@ def component_weight_bytes(spec, precision: str) -> dict[str, int]:
 
         component_weight_bytes(load_spec("512"), "fp16")["unet"]  # 2 * 1,438,854,980
     """
-    from ..models.lvdm import COMPONENTS, build_model
+    from ...models.lvdm import COMPONENTS, build_model
 
     precision_of(precision)  # validate before the (slow) build
     model = build_model(spec, device="meta")

@@ -1,7 +1,7 @@
 """Law families of the VAE memory model and their fitting (see :mod:`engine.estimate.vae`).
 
 Each (direction, family) gets one live and one live+scratch law per phase over the family's
-terms, plus a FLOPs law; :func:`_fit_all` traces the fit shapes and fits them all.
+terms, plus a FLOPs law; :func:`fit_families` traces the fit shapes and fits them all.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .scaling import ScalingLaw, fit_scaling_law, parse_term
-from .vae_shapes import _fit_point
-from .vae_trace import _Job, _Sample, _trace_samples
+from ..laws.cache import FitCache
+from ..laws.scaling import ScalingLaw, fit_scaling_law, parse_term
+from .shapes import fit_point
+from .trace import TraceJob, TraceSample, trace_samples
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _MIN_PHASE_SHARE = 0.05
 
 
 @dataclasses.dataclass
-class _FamilyLaws:
+class FamilyLaws:
     """The fitted laws of one (direction, family): one row of coefficients per phase."""
 
     terms: tuple[str, ...]
@@ -84,8 +85,24 @@ class _FamilyLaws:
                 "live": self.live.tolist(), "total": self.total.tolist(),
                 "allocator": self.allocator, "ranges": {k: list(v) for k, v in self.ranges.items()}}
 
+    def store(self, cache: FitCache, key: str, meta: Mapping[str, Any]) -> None:
+        """Write these laws to ``cache`` under ``key`` (:meth:`load` reads them back)."""
+        cache.put_fit(key, laws={"flops": self.flops}, meta=meta, phases=self.to_payload())
+
     @classmethod
-    def from_payload(cls, data: Mapping[str, Any], flops: ScalingLaw) -> _FamilyLaws:
+    def load(cls, cache: FitCache, key: str) -> tuple[FamilyLaws, dict] | None:
+        """The laws and fit details stored under ``key`` by :meth:`store`, or None."""
+        fit = cache.get_fit(key)
+        if fit is None:
+            return None
+        try:
+            return cls.from_payload(fit.sections["phases"], fit.laws["flops"]), dict(fit.meta)
+        except (TypeError, KeyError, ValueError) as err:
+            logger.warning("ignoring malformed VAE fit %s in the cache (%s); refitting", key, err)
+            return None
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any], flops: ScalingLaw) -> FamilyLaws:
         return cls(tuple(data["terms"]), tuple(data["phases"]),
                    np.asarray(data["live"], dtype=np.float64).reshape(-1, len(data["terms"])),
                    np.asarray(data["total"], dtype=np.float64).reshape(-1, len(data["terms"])),
@@ -93,7 +110,7 @@ class _FamilyLaws:
                    {k: (float(v[0]), float(v[1])) for k, v in data["ranges"].items()})
 
 
-def _candidate_phases(samples: list[_Sample]) -> list[str]:
+def _candidate_phases(samples: list[TraceSample]) -> list[str]:
     """Phases seen (with live bytes) in every sample and reaching ``_MIN_PHASE_SHARE`` of a peak."""
     keep = []
     for phase in sorted({p for s in samples for p in s.total}):
@@ -109,7 +126,7 @@ def _candidate_phases(samples: list[_Sample]) -> list[str]:
     return keep
 
 
-def _fit_family(samples: list[_Sample], family: str) -> tuple[_FamilyLaws, float]:
+def _fit_family(samples: list[TraceSample], family: str) -> tuple[FamilyLaws, float]:
     """Fit every candidate phase's live and total laws; returns the laws and the worst
     per-phase fit residual."""
     terms = _TERMS[family]
@@ -132,13 +149,13 @@ def _fit_family(samples: list[_Sample], family: str) -> tuple[_FamilyLaws, float
                   max(s.job.point.features[n] for s in samples)) for n in names}
     # Segment rounding is a sum of per-block remainders, not a function of the shape: keep the
     # worst seen (0 on CPU).
-    laws = _FamilyLaws(terms, tuple(phases), np.array(rows["live"]).reshape(-1, len(terms)),
+    laws = FamilyLaws(terms, tuple(phases), np.array(rows["live"]).reshape(-1, len(terms)),
                        np.array(rows["total"]).reshape(-1, len(terms)), flops,
                        float(max(s.overhead for s in samples)), ranges)
     return laws, worst
 
 
-def _fit_all(twin: nn.Module, wanted: list[tuple[str, str]], device_type: str,
+def fit_families(twin: nn.Module, wanted: list[tuple[str, str]], device_type: str,
              dtype: torch.dtype, channels: tuple[int, int], f: int):
     """Trace the fit shapes of every wanted (direction, family) in one session and fit them;
     returns ``{(direction, family): (laws, meta)}``."""
@@ -146,11 +163,11 @@ def _fit_all(twin: nn.Module, wanted: list[tuple[str, str]], device_type: str,
     jobs = []
     for direction, family in wanted:
         for shape in _FIT_SHAPES[family]:
-            point, mode = _fit_point(shape, f)
+            point, mode = fit_point(shape, f)
             if point.family != family:  # e.g. a tile that covers the image runs untiled
                 raise RuntimeError(f"fit shape {shape} is not {family}; fix _FIT_SHAPES.")
-            jobs.append(_Job(direction, family, point, mode))
-    samples = _trace_samples(twin, jobs, device_type, dtype, channels, f)
+            jobs.append(TraceJob(direction, family, point, mode))
+    samples = trace_samples(twin, jobs, device_type, dtype, channels, f)
     seconds = time.perf_counter() - start
     out = {}
     for key in wanted:

@@ -35,7 +35,7 @@ or by the runtime's own code between and after the VAE calls. The live bytes at 
 of live tensors whose sizes are monomials of the features, so each phase's law is exact up to
 rounding, and the prediction is the maximum over phases (which also names where the peak is, for
 the planner's explanation). Each phase has two laws: live tensor bytes (``activation_bytes``) and
-live bytes plus the op's kernel scratch from :mod:`engine.estimate.kernels` (oneDNN's blocked
+live bytes plus the op's kernel scratch from :mod:`engine.estimate.tracing.kernels` (oneDNN's blocked
 copies, im2col columns); their difference at the maxima is ``workspace_bytes``.
 
 Chunks of unequal size (``n % k != 0``): with two or more full chunks the peak is a full chunk
@@ -69,15 +69,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan.aemode import AEMode
-from ..runtime.autoencode import decode_frames, encode_frames
-from ..runtime.vae_adapter import downsample_factor
-from .cache import FitCache, architecture_hash
-from .trace import TraceResult, trace_call
-from .vae_cache import _hash_extra, _load, _store
-from .vae_laws import _FamilyLaws, _fit_all
-from .vae_shapes import DIRECTIONS, FAMILIES, _channels, _classify, _input_shape, _Point
-from .vae_trace import _meta_twin
+from ...plan.aemode import AEMode
+from ...runtime.autoencode import decode_frames, encode_frames
+from ...runtime.vae_adapter import downsample_factor
+from ..laws.cache import FitCache, architecture_hash
+from ..tracing.trace import TraceResult, trace_call
+from .keys import hash_extra
+from .laws import FamilyLaws, fit_families
+from .shapes import DIRECTIONS, FAMILIES, CallPoint, classify_call, input_shape, vae_channels
+from .trace import meta_twin
 
 __all__ = ["DIRECTIONS", "FAMILIES", "VAEMemoryModel", "VAEStageMemory"]
 
@@ -146,7 +146,7 @@ class VAEMemoryModel:
     Build it with :meth:`for_vae`; the constructor takes already fitted laws.
 
     Args:
-        laws: ``{(direction, family): _FamilyLaws}`` as fitted or loaded by :meth:`for_vae`.
+        laws: ``{(direction, family): FamilyLaws}`` as fitted or loaded by :meth:`for_vae`.
         weights_bytes: the VAE's parameters and buffers in ``dtype``.
         channels: ``(latent channels, image channels)``.
         factor: the spatial downsample factor.
@@ -156,7 +156,7 @@ class VAEMemoryModel:
         report: per ``"direction/family"``: where the laws came from and their fit errors.
     """
 
-    def __init__(self, laws: Mapping[tuple[str, str], _FamilyLaws], *, weights_bytes: int,
+    def __init__(self, laws: Mapping[tuple[str, str], FamilyLaws], *, weights_bytes: int,
                  channels: tuple[int, int], factor: int, dtype: torch.dtype, device_type: str,
                  vae: nn.Module | None = None, report: Mapping[str, Any] | None = None) -> None:
         self.laws = dict(laws)
@@ -196,24 +196,24 @@ class VAEMemoryModel:
         """
         directions = _check_for_vae(vae, device_type, dtype)
         cache = FitCache() if cache is _DEFAULT_CACHE else cache
-        extra = _hash_extra(dtype, device_type)
+        extra = hash_extra(dtype, device_type)
         keys = {(d, fam): architecture_hash(vae, f"{d}/{fam}", extra=extra)
                 for d in directions for fam in FAMILIES}
         laws, report = {}, {}
         for key, digest in keys.items():
-            loaded = _load(cache, digest) if cache is not None else None
+            loaded = FamilyLaws.load(cache, digest) if cache is not None else None
             if loaded is not None:
                 laws[key], meta = loaded
                 report["/".join(key)] = {"source": "cache", **meta}
         missing = [key for key in keys if key not in laws]
-        f, channels = downsample_factor(vae), _channels(vae)
+        f, channels = downsample_factor(vae), vae_channels(vae)
         if missing:
-            fitted = _fit_all(_meta_twin(vae, dtype), missing, device_type, dtype, channels, f)
+            fitted = fit_families(meta_twin(vae, dtype), missing, device_type, dtype, channels, f)
             for key, (fam_laws, meta) in fitted.items():
                 laws[key] = fam_laws
                 report["/".join(key)] = {"source": "fit", **meta}
                 if cache is not None:
-                    _store(cache, keys[key], fam_laws, meta)
+                    fam_laws.store(cache, keys[key], meta)
         weights = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
                       for t in itertools.chain(vae.parameters(), vae.buffers()))
         return cls(laws, weights_bytes=weights, channels=channels, factor=f, dtype=dtype,
@@ -221,7 +221,7 @@ class VAEMemoryModel:
 
     # -- evaluation --------------------------------------------------------------------------
     def _point(self, direction: str, frames: int, height: int, width: int,
-               mode: AEMode | str) -> tuple[_Point, AEMode]:
+               mode: AEMode | str) -> tuple[CallPoint, AEMode]:
         if direction not in self.directions:
             raise ValueError(f"`direction` must be one of {', '.join(self.directions)} (got "
                              f"{direction!r}); the VAE has no other method.")
@@ -234,7 +234,7 @@ class VAEMemoryModel:
                 raise ValueError(f"`{name}` must be a positive multiple of the VAE's downsample "
                                  f"factor {f} (got {value!r}); round it to a multiple of {f}.")
         mode = AEMode.parse(mode, "mode")
-        return _classify(frames, height // f, width // f, mode, f), mode
+        return classify_call(frames, height // f, width // f, mode, f), mode
 
     def predict(self, direction: str, frames: int, height: int, width: int,
                 mode: AEMode | str = "batched") -> VAEStageMemory:
@@ -266,7 +266,7 @@ class VAEMemoryModel:
             allocator_bytes=int(laws.allocator) if cuda else 0, peak_phase=phase,
             workspace_modelled=not cuda, extrapolated=laws.extrapolates(point.features))
 
-    def _memory(self, direction: str, point: _Point) -> tuple[float, float, str]:
+    def _memory(self, direction: str, point: CallPoint) -> tuple[float, float, str]:
         """Live bytes, live+scratch bytes and the peak's phase of one call."""
         feats = point.features
         live, total, phase = self.laws[(direction, point.family)].evaluate(feats)
@@ -306,8 +306,8 @@ class VAEMemoryModel:
             if vae is None:
                 raise RuntimeError("`trace` needs the VAE this model was built from, which is "
                                    "gone; rebuild the model with `VAEMemoryModel.for_vae`.")
-            self._trace_twin = _meta_twin(vae, self.dtype)
-        shape = _input_shape(direction, frames, point.lat, self.channels, self.factor)
+            self._trace_twin = meta_twin(vae, self.dtype)
+        shape = input_shape(direction, frames, point.lat, self.channels, self.factor)
         run = decode_frames if direction == "decode" else encode_frames
         x = torch.empty(shape, device="meta", dtype=self.dtype)
         with torch.no_grad():

@@ -9,15 +9,15 @@ import dataclasses
 
 from torch import nn
 
-from ..runtime import autoencode as _autoencode
-from ..plan.aemode import AEMode
+from ...runtime import autoencode as _autoencode
+from ...plan.aemode import AEMode
 
 DIRECTIONS = ("decode", "encode")
 FAMILIES = ("batched", "chunked", "tiled")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Point:
+class CallPoint:
     """One call as the laws see it: its family, features and latent size."""
 
     family: str
@@ -26,7 +26,7 @@ class _Point:
     call_lat: tuple[int, int]  # latent size of one VAE call's input (the tile when tiled)
 
 
-def _classify(frames: int, lat_h: int, lat_w: int, mode: AEMode, f: int) -> _Point:
+def classify_call(frames: int, lat_h: int, lat_w: int, mode: AEMode, f: int) -> CallPoint:
     """Family and features of a call, following the runtime's own chunk and tile rules."""
     n = frames
     k = min(mode.chunk or n, n)
@@ -39,19 +39,19 @@ def _classify(frames: int, lat_h: int, lat_w: int, mode: AEMode, f: int) -> _Poi
             th, tw = spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0]
             feats = dict(n=n, k=k, hw=hw, thw=float(th * tw), tp=float(th + tw),
                          T=len(spans_h) * len(spans_w))
-            return _Point("tiled", feats, (lat_h, lat_w), (th, tw))
+            return CallPoint("tiled", feats, (lat_h, lat_w), (th, tw))
     family = "batched" if k >= n else "chunked"
     feats = dict(n=n, k=k, hw=hw, thw=hw, tp=float(lat_h + lat_w), T=1)
-    return _Point(family, feats, (lat_h, lat_w), (lat_h, lat_w))
+    return CallPoint(family, feats, (lat_h, lat_w), (lat_h, lat_w))
 
 
-def _fit_point(shape: tuple[int, ...], f: int) -> tuple[_Point, AEMode]:
+def fit_point(shape: tuple[int, ...], f: int) -> tuple[CallPoint, AEMode]:
     n, k, h, w, th, tw = shape
     mode = AEMode(chunk=k if k < n else None, tile=(th * f, tw * f) if th else None)
-    return _classify(n, h, w, mode, f), mode
+    return classify_call(n, h, w, mode, f), mode
 
 
-def _channels(vae: nn.Module) -> tuple[int, int]:
+def vae_channels(vae: nn.Module) -> tuple[int, int]:
     """(latent channels, image channels): ours (``params``), diffusers (``config``), else the
     convolutions the calls start with, else the KL-f8 defaults (4, 3)."""
     params = getattr(vae, "params", None) or getattr(vae, "config", None)
@@ -65,7 +65,7 @@ def _channels(vae: nn.Module) -> tuple[int, int]:
     return int(latent or 4), int(image or 3)
 
 
-def _input_shape(direction: str, n: int, lat: tuple[int, int], channels: tuple[int, int],
+def input_shape(direction: str, n: int, lat: tuple[int, int], channels: tuple[int, int],
                  f: int) -> tuple[int, ...]:
     if direction == "decode":
         return (n, channels[0], lat[0], lat[1])

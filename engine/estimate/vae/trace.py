@@ -2,7 +2,7 @@
 
 A meta-device twin of the VAE is run through the runtime on fake tensors; every dispatched op
 is labelled with its *phase* (:class:`_Where`) and its kernel scratch (:class:`_OpRecorder`),
-and each fit job's memory is split into per-phase peaks (:func:`_trace_samples`).
+and each fit job's memory is split into per-phase peaks (:func:`trace_samples`).
 """
 from __future__ import annotations
 
@@ -18,19 +18,19 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map_only
 
-from ..plan.aemode import AEMode
-from ..runtime.autoencode import decode_frames, encode_frames, remove_autoencode_policy
-from .allocator import allocation_bytes, segment_overhead_bytes
-from .kernels import _WORKSPACES, workspace_bytes
-from .trace import MemKind, Tracer
-from .vae_shapes import DIRECTIONS, _input_shape, _Point
+from ...plan.aemode import AEMode
+from ...runtime.autoencode import decode_frames, encode_frames, remove_autoencode_policy
+from ..tracing.allocator import allocation_bytes, segment_overhead_bytes
+from ..tracing.kernels import has_workspace, workspace_bytes
+from ..tracing.trace import MemKind, Tracer
+from .shapes import DIRECTIONS, input_shape, CallPoint
 
 logger = logging.getLogger(__name__)
 
 _WRAPPER, _WRAPPER_END, _IN_CALL = "(runtime)", "(runtime, after calls)", "(call)"
 
 
-def _meta_twin(vae: nn.Module, dtype: torch.dtype) -> nn.Module:
+def meta_twin(vae: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A structural copy of ``vae`` with meta weights in ``dtype``: tracing it never touches
     the caller's module (which another thread may be running) nor its memory."""
     memo: dict[int, Any] = {}
@@ -141,7 +141,7 @@ def _shortcut_outputs(twin: nn.Module, jobs: list, channels: tuple[int, int], f:
     for job in jobs:
         if job.family == "batched":
             continue
-        shape = _input_shape(job.direction, job.point.features["k"], job.point.call_lat,
+        shape = input_shape(job.direction, job.point.features["k"], job.point.call_lat,
                              channels, f)
         key = (job.direction, shape)
         if key not in out:
@@ -176,7 +176,7 @@ class _OpRecorder(TorchDispatchMode):
             self.labels.append(self.where.label(func.__name__.split(".")[0]))
             self.calls.append(self.where.calls)
             size = 0
-            if (self.device_type, func) in _WORKSPACES:
+            if has_workspace(func, self.device_type):
                 # The scratch models index tensors (``w[0, 0]``): on fakes that is a full fake
                 # dispatch the tracer would also record, so they read plain meta stand-ins.
                 with _disable_current_modes():
@@ -189,18 +189,18 @@ class _OpRecorder(TorchDispatchMode):
 
 # ---------------------------------------------------------------- tracing the fit shapes
 @dataclasses.dataclass
-class _Job:
+class TraceJob:
     direction: str
     family: str
-    point: _Point
+    point: CallPoint
     mode: AEMode
 
 
 @dataclasses.dataclass
-class _Sample:
+class TraceSample:
     """What one traced job showed: per-phase peaks of live and live+scratch new bytes."""
 
-    job: _Job
+    job: TraceJob
     live: dict[str, int]
     total: dict[str, int]
     peak: int
@@ -208,7 +208,7 @@ class _Sample:
     overhead: int
 
 
-def _run_traces(twin: nn.Module, jobs: list[_Job], device_type: str, dtype: torch.dtype,
+def _run_traces(twin: nn.Module, jobs: list[TraceJob], device_type: str, dtype: torch.dtype,
                 channels: tuple[int, int], f: int):
     """Trace every job in ONE tracer session (the module swap is paid once); return the
     tracer's per-job results, each job's op span, VAE call count and starting new bytes, the
@@ -232,7 +232,7 @@ def _run_traces(twin: nn.Module, jobs: list[_Job], device_type: str, dtype: torc
     where.convert = convert
     # Inputs are made before the session: inside it, factory calls make fakes that count as
     # new memory (and a meta-device fake would then be copied to the planned device).
-    metas = [torch.empty(_input_shape(job.direction, job.point.features["n"], job.point.lat,
+    metas = [torch.empty(input_shape(job.direction, job.point.features["n"], job.point.lat,
                                       channels, f), device="meta", dtype=dtype) for job in jobs]
     pre = nn.modules.module.register_module_forward_pre_hook(where.pre)
     post = nn.modules.module.register_module_forward_hook(where.post, always_call=True)
@@ -283,8 +283,8 @@ def _phase_peaks(span: tuple[int, int], base: int, timeline, recorder: _OpRecord
     return live, total
 
 
-def _trace_samples(twin: nn.Module, jobs: list[_Job], device_type: str, dtype: torch.dtype,
-                   channels: tuple[int, int], f: int) -> list[_Sample]:
+def trace_samples(twin: nn.Module, jobs: list[TraceJob], device_type: str, dtype: torch.dtype,
+                   channels: tuple[int, int], f: int) -> list[TraceSample]:
     """Trace the jobs and split each one's memory by phase (see the module docstring)."""
     results, spans, calls, bases, timeline, recorder, pre_sizes = _run_traces(
         twin, jobs, device_type, dtype, channels, f)
@@ -307,6 +307,6 @@ def _trace_samples(twin: nn.Module, jobs: list[_Job], device_type: str, dtype: t
             # part the new blocks add (approximate: small blocks share segments).
             pre_blocks = weights + [allocation_bytes(size, device_type) for size in pre]
             overhead = max(0, res.allocator_overhead_bytes - segment_overhead_bytes(pre_blocks))
-        samples.append(_Sample(job, live, total, peak, int(flops), overhead))
+        samples.append(TraceSample(job, live, total, peak, int(flops), overhead))
     return samples
 
