@@ -11,16 +11,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .config_parse import ConfigError, model_spec_fields
 from .models.autoencoder import VAEParams
 from .models.resampler import ResamplerParams
 from .models.unet import UNetParams
 
-TOP_TARGET = "lvdm.models.ddpm3d.LatentVisualDiffusion"
-UNET_TARGET = "lvdm.modules.networks.openaimodel3d.UNetModel"
-VAE_TARGET = "lvdm.models.autoencoder.AutoencoderKL"
-TEXT_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPEmbedder"
-IMAGE_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPImageEmbedderV2"
-RESAMPLER_TARGET = "lvdm.modules.encoders.resampler.Resampler"
+__all__ = ["BUILTIN_CONFIGS", "ConfigError", "ModelSpec", "load_spec", "resolve_config_path"]
+
 BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "256": "inference_256_v1.0.yaml",
                    "512": "inference_512_v1.0.yaml", "1024": "inference_1024_v1.0.yaml"}
 
@@ -74,10 +71,6 @@ class ModelSpec:
         return self.unet.default_fs
 
 
-class ConfigError(ValueError):
-    """A model config that we cannot build; the message names the key and the way out."""
-
-
 def resolve_config_path(config: str | os.PathLike) -> Path:
     """A path, or a built-in name (``tiny``, ``256``, ``512``, ``1024``)."""
     name = str(config)
@@ -102,5 +95,4 @@ def load_spec(config: str | os.PathLike) -> ModelSpec:
     if not isinstance(raw, dict) or "model" not in raw:
         raise ConfigError(f"`--config` {str(path)!r} has no top-level `model` section; "
                           "use a DynamiCrafter inference config.")
-    from .config_parse import parse_model_section
-    return parse_model_section(raw["model"], name=path.stem, source=str(path))
+    return ModelSpec(name=path.stem, source=str(path), **model_spec_fields(raw["model"]))

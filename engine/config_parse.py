@@ -1,11 +1,29 @@
-"""DynamiCrafter ``target``/``params`` sections -> typed parameter dataclasses."""
+"""DynamiCrafter ``target``/``params`` sections -> typed parameter dataclasses.
+
+The YAML edge below :mod:`engine.config`: the targets we build, the values we reproduce and
+:class:`ConfigError`; :func:`model_spec_fields` returns the fields of a
+:class:`~engine.config.ModelSpec`, which :func:`engine.config.load_spec` builds (this module does
+not import :mod:`engine.config`, so the two form no cycle).
+"""
 from __future__ import annotations
 
-from .config import (IMAGE_TARGET, RESAMPLER_TARGET, TEXT_TARGET, TOP_TARGET, UNET_TARGET,
-                     VAE_TARGET, ConfigError, ModelSpec)
+from typing import Any
+
 from .models.autoencoder import VAEParams
 from .models.resampler import ResamplerParams
 from .models.unet import UNetParams
+
+TOP_TARGET = "lvdm.models.ddpm3d.LatentVisualDiffusion"
+UNET_TARGET = "lvdm.modules.networks.openaimodel3d.UNetModel"
+VAE_TARGET = "lvdm.models.autoencoder.AutoencoderKL"
+TEXT_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPEmbedder"
+IMAGE_TARGET = "lvdm.modules.encoders.condition.FrozenOpenCLIPImageEmbedderV2"
+RESAMPLER_TARGET = "lvdm.modules.encoders.resampler.Resampler"
+
+
+class ConfigError(ValueError):
+    """A model config that we cannot build; the message names the key and the way out."""
+
 
 # Values our implementation reproduces; any other value is refused rather than silently ignored.
 _UNET_FIXED = {"dims": 2, "transformer_depth": 1, "use_linear": True, "temporal_selfatt_only": True,
@@ -64,8 +82,9 @@ def _resampler(p: dict) -> ResamplerParams:
     return ResamplerParams(**{k: v for k, v in p.items() if k in known})
 
 
-def parse_model_section(model: dict, name: str, source: str) -> ModelSpec:
-    """Build a :class:`ModelSpec` from the ``model`` section of a DynamiCrafter config."""
+def model_spec_fields(model: dict) -> dict[str, Any]:
+    """The :class:`~engine.config.ModelSpec` fields (all but ``name`` and ``source``) of the
+    ``model`` section of a DynamiCrafter config."""
     if model.get("target") != TOP_TARGET:
         raise ConfigError(f"`model.target` {model.get('target')!r} is unknown; "
                           f"the supported target is {TOP_TARGET!r}.")
@@ -78,8 +97,8 @@ def parse_model_section(model: dict, name: str, source: str) -> ModelSpec:
     image = _section(p, "img_cond_stage_config", IMAGE_TARGET, where)
     resampler = _resampler(_section(p, "image_proj_stage_config", RESAMPLER_TARGET, where))
     size = p.get("image_size", [32, 32])
-    return ModelSpec(
-        name=name, unet=unet, vae=vae, resampler=resampler,
+    return dict(
+        unet=unet, vae=vae, resampler=resampler,
         text_arch=text.get("arch", "ViT-H-14"), text_layer=text.get("layer", "last"),
         image_arch=image.get("arch", "ViT-H-14"),
         parameterization=p.get("parameterization", "eps"),
@@ -91,4 +110,4 @@ def parse_model_section(model: dict, name: str, source: str) -> ModelSpec:
         fps_condition_type=p.get("fps_condition_type", "fs"),
         perframe_ae=bool(p.get("perframe_ae", False)),
         latent_size=tuple(size if isinstance(size, (list, tuple)) else (size, size)),
-        channels=p.get("channels", 4), source=source)
+        channels=p.get("channels", 4))
