@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / "engine"
 
 # Lowest first; a module may import only from its own layer or a lower one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("engine.errors", "engine.plan", "engine.device.spec", "engine.device.host"),
+    ("engine.errors", "engine.logs", "engine.plan", "engine.device.spec", "engine.device.host"),
     ("engine.config", "engine.config_parse", "engine.models", "engine.sampling",
      "engine.checkpoint"),
     ("engine.runtime",),
@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.planner",),
     ("engine.device",),
     ("engine.pipeline",),
-    ("engine.commands", "engine.cli", "engine"),
+    ("engine.commands", "engine.cli", "engine.__init__"),
 )
 
 
@@ -82,6 +82,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
 
 
 def _layer(name: str) -> int | None:
+    name = "engine.__init__" if name == "engine" else name  # the root package, not a prefix
     best, best_len = None, -1
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
@@ -165,3 +166,10 @@ def test_import_resolution(tmp_path, source, expected):
     path.write_text(source)
     known = {"engine.x.a", "engine.x.b", "engine.x", "engine.y", "engine"}
     assert _imports("engine.x.a", path, known) == expected
+
+
+def test_layer_lookup():
+    assert _layer("engine") == len(LAYERS) - 1  # the root package is the top, not a prefix
+    assert _layer("engine.device.spec") == 0 < _layer("engine.device.probe")
+    assert _layer("engine.estimate.vae.memory") == _layer("engine.estimate")
+    assert _layer("engine.somewhere_new") is None
