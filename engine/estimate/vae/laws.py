@@ -37,7 +37,7 @@ _FLOP_TERMS = ("n*T*thw", "n*T*thw^2")
 # the same at any size, so they reach medium sizes (1-6k latent pixels per call) where the
 # kernels' size-dependent choices have settled; aspect ratios vary so that ``k*tp`` separates
 # from ``k*thw``, and ``n/k`` varies so that ``n*hw`` separates from ``k*thw``. Tracing costs
-# ~1 ms per op (~130 ops per VAE call) and each shape traces ONE call (see ``_Where``).
+# ~1 ms per op (~130 ops per VAE call) and each shape traces ONE call (see ``_Where`` in :mod:`engine.estimate.vae.trace`).
 _FIT_SHAPES = {
     "batched": ((1, 1, 40, 64, 0, 0), (2, 2, 48, 48, 0, 0), (1, 1, 64, 96, 0, 0),
                 (3, 3, 32, 40, 0, 0), (2, 2, 72, 56, 0, 0)),

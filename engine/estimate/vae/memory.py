@@ -50,7 +50,7 @@ approximation, not measured fragmentation. The laws assume the VAE's op sequence
 on size (true of LDM/diffusers KL VAEs with their own tiling switched off). Phases that never
 reach 5% of a fit trace's peak are dropped, so a layer that grows >20x faster than the rest
 beyond the fitted sizes would be missed. Only the second VAE call of each chunked or tiled fit
-job is traced (the others repeat its input shape and hold no more memory; see ``_Where``).
+job is traced (the others repeat its input shape and hold no more memory; see ``vae.trace._Where``).
 
 Example:
     >>> model = VAEMemoryModel.for_vae(vae, device_type="cuda", dtype=torch.float16)
