@@ -6,9 +6,15 @@ a CLIP without the text ``transformer`` (its token embedding, ln_final and proje
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..logs import warn_once
+
+log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,9 +85,13 @@ class TextEncoder(nn.Module):
 
     @staticmethod
     def tokenize(prompts: list[str]) -> torch.Tensor:
+        """open_clip's tokens ``[B, 77]``; a prompt over 77 tokens (start and end included) is cut
+        there, with one warning per distinct prompt."""
         import open_clip
 
-        return open_clip.tokenize(prompts)
+        tokens = open_clip.tokenize(prompts)
+        _warn_truncated(prompts, tokens.shape[1])
+        return tokens
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -89,6 +99,18 @@ class TextEncoder(nn.Module):
         n_blocks = len(m.transformer.resblocks) - self.skip_last
         x = _run_blocks(m.transformer, x, n_blocks, attn_mask=m.attn_mask.to(x.device))
         return m.ln_final(x)
+
+
+def _warn_truncated(prompts: list[str], context: int) -> None:
+    from open_clip.tokenizer import _tokenizer  # the instance open_clip.tokenize encodes with
+
+    for prompt in dict.fromkeys(prompts):
+        n = len(_tokenizer.encode(prompt)) + 2  # + start and end tokens
+        if n > context:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warn_once(log, "`--prompt` %r has %d tokens (start and end included), over the text "
+                      "encoder's %d; only the first %d are kept, so shorten it to make the rest "
+                      "count.", shown, n, context, context, key=prompt)
 
 
 def _gaussian_kernel(size: int, sigma: float, device, dtype):

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from ..logs import warn_once
+
 logger = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -105,8 +107,8 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str
         steps = (np.linspace(0, math.sqrt(total * 0.8), num_steps) ** 2).astype(np.int64) + 1
     if len(steps) != num_steps:
         # LVDM does not assert the count; 'uniform' yields extra steps when T % n != 0. Kept for parity.
-        logger.warning("`timestep_spacing` %r gives %d timesteps for `steps`=%d (as DynamiCrafter does).",
-                       spacing, len(steps), num_steps)
+        warn_once(logger, "`timestep_spacing` %r gives %d timesteps for `steps`=%d (as DynamiCrafter does).",
+                  spacing, len(steps), num_steps)
     return steps
 
 
