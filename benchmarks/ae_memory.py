@@ -6,7 +6,8 @@
 
 Every row runs in a FRESH process (``python benchmarks/ae_memory.py --child ...``), so the
 allocator and the resident-set baseline are clean. Two VAEs are measured: the tiny config's
-(``configs/tiny.yaml``) and the real-width one (``load_spec('512').vae``, random weights, fp32).
+(``engine/configs/tiny.yaml``) and the real-width one (``load_spec('512').vae``, random weights,
+fp32).
 
 What is compared (the honest pair): the predicted ``activation_bytes + workspace_bytes`` of
 :class:`engine.estimate.vae.VAEMemoryModel` against the measured peak of NEW bytes during the call:

@@ -3,8 +3,8 @@
     python benchmarks/ae_speed.py                 # ~6-10 min on a 2-core CPU
     python benchmarks/ae_speed.py --quick         # tiny VAE only, ~2 min
 
-For the tiny VAE (``configs/tiny.yaml``) and the real-width VAE (``load_spec('512').vae``, random
-weights), at a few sizes, every candidate mode is run for real (one warm-up round, then the
+For the tiny VAE (``engine/configs/tiny.yaml``) and the real-width VAE (``load_spec('512').vae``,
+random weights), at a few sizes, every candidate mode is run for real (one warm-up round, then the
 median of ``--runs`` rounds; rounds interleave the modes so that load from other processes hits
 them all alike). The time model is calibrated on this machine first (``AETimeModel.calibrate``,
 into a fresh cache directory so the calibration time is real; a second call then loads it), the

@@ -3,7 +3,7 @@
     python benchmarks/parity_dynamicrafter.py --src /path/to/DynamiCrafter
     DYNAMICRAFTER_SRC=/path/to/DynamiCrafter python benchmarks/parity_dynamicrafter.py
 
-Both sides are built from ``configs/tiny.yaml`` (DynamiCrafter's architecture at small widths; its
+Both sides are built from ``engine/configs/tiny.yaml`` (DynamiCrafter's architecture at small widths; its
 OpenCLIP towers are built offline from the config's ``arch`` dicts). Our random weights are loaded
 into DynamiCrafter's ``LatentVisualDiffusion`` with ``strict=True``, which proves the layouts equal;
 DynamiCrafter keeps its own schedule buffers, so the DDIM run also checks ours against its.
@@ -47,7 +47,7 @@ from engine.models.transformers import CrossAttention  # noqa: E402
 from engine.sampling import CFGDenoiser, ddim_timesteps, make_betas, sample_ddim  # noqa: E402
 
 TARGET = 1e-4
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+TINY_CONFIG = REPO_ROOT / "engine" / "configs" / "tiny.yaml"
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "parity_dynamicrafter.json"
 
 

@@ -5,8 +5,11 @@ unchanged) into a frozen :class:`ModelSpec`; everything downstream reads the dat
 """
 from __future__ import annotations
 
+import atexit
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,6 +23,11 @@ __all__ = ["BUILTIN_CONFIGS", "ConfigError", "ModelSpec", "load_spec", "resolve_
 
 BUILTIN_CONFIGS = {"tiny": "tiny.yaml", "256": "inference_256_v1.0.yaml",
                    "512": "inference_512_v1.0.yaml", "1024": "inference_1024_v1.0.yaml"}
+# The built-ins are package data (``engine/configs/``). Wheel, editable and checkout installs hold
+# them on disk and ``as_file`` hands back that path; only a zipped install gets a temporary copy,
+# which must outlive the call that resolved it, so the copies are released at exit.
+_BUILTIN_FILES = ExitStack()
+atexit.register(_BUILTIN_FILES.close)
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,8 @@ def resolve_config_path(config: str | os.PathLike) -> Path:
     """A path, or a built-in name (``tiny``, ``256``, ``512``, ``1024``)."""
     name = str(config)
     if name in BUILTIN_CONFIGS:
-        for root in (Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"):
-            if (root / BUILTIN_CONFIGS[name]).is_file():
-                return root / BUILTIN_CONFIGS[name]
+        resource = files("engine") / "configs" / BUILTIN_CONFIGS[name]
+        return _BUILTIN_FILES.enter_context(as_file(resource))
     path = Path(name).expanduser()
     if not path.is_file():
         raise ConfigError(f"`--config` {name!r} is not a file; pass a YAML path or one of "

@@ -1,11 +1,16 @@
 """What the planner knows about a device: memory, throughput, link; from a probe, the catalogue
-(``configs/gpus.yaml``) or a bare ``--vram`` size. Pure Python: nothing here touches CUDA."""
+(``engine/configs/gpus.yaml``, package data) or a bare ``--vram`` size. Pure Python: nothing here
+touches CUDA."""
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 GIB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "m": 2 ** 20, "g": GIB, "t": 2 ** 40,
@@ -60,16 +65,17 @@ class DeviceSpec:
         return replace(self, total_bytes=total_bytes, free_bytes=None, source=source)
 
 
-def catalog_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "configs" / "gpus.yaml"
+def catalog_path() -> Traversable:
+    """``gpus.yaml``, package data: found alike in a checkout, an editable or a wheel install."""
+    return files("engine") / "configs" / "gpus.yaml"
 
 
 @lru_cache(maxsize=1)
 def load_catalog() -> dict[str, DeviceSpec]:
     """The catalogued cards by slug."""
-    from omegaconf import OmegaConf
+    import yaml  # plain YAML, no interpolation: PyYAML imports in a quarter of omegaconf's time
 
-    raw = OmegaConf.to_container(OmegaConf.load(catalog_path()))
+    raw = yaml.safe_load(catalog_path().read_text(encoding="utf-8"))
     return {slug: DeviceSpec(
         name=e["name"], kind="cuda", total_bytes=int(e["memory_gib"] * GIB), bf16=bool(e["bf16"]),
         compute_capability=str(e["cc"]), fp16_flops=e["fp16_tflops"] * 1e12,
