@@ -46,14 +46,14 @@ def grid_rows() -> list[dict]:
             ref = make_plan(spec, h, w, 16, device, force="reference")
             try:
                 ours = make_plan(spec, h, w, 16, device)
-                chosen = dict(ours.settings)
+                chosen = ours.settings.to_dict()
                 ours_peak, ours_time, fits = ours.peak_bytes / GIB, ours.time_s, ours.fits
             except ValueError as exc:
                 chosen, ours_peak, ours_time, fits = {"error": str(exc)}, float("nan"), float("nan"), False
             rows.append({"config": config, "size": f"{h}x{w}x16", "card": slug,
                          "budget_gib": round(ref.budget_bytes / GIB, 2), "fits": fits,
                          "peak_gib": round(ours_peak, 2), "time_s": round(ours_time, 1),
-                         **{k: chosen.get(k, "") for k in ("dtype", "cfg", "offload", "ae_encode", "ae_decode")},
+                         **{k: chosen.get(k, "") for k in ("precision", "cfg", "offload", "ae_encode", "ae_decode")},
                          "reference_peak_gib": round(ref.peak_bytes / GIB, 2),
                          "reference_fits": ref.fits, "reference_time_s": round(ref.time_s, 1)})
     return rows
@@ -89,7 +89,7 @@ def main() -> None:
     write(rows, timings)
     for r in rows:
         print(f"{r['config']:>5} {r['card']:<16} fits={str(r['fits']):<5} peak={r['peak_gib']:>6} GiB "
-              f"{r['dtype']:<5} cfg={r['cfg']:<10} offload={r['offload']:<6} dec={r['ae_decode']:<10} "
+              f"{r['precision']:<5} cfg={r['cfg']:<10} offload={r['offload']:<6} dec={r['ae_decode']:<10} "
               f"| reference {r['reference_peak_gib']:>6} GiB fits={r['reference_fits']}")
     print(json.dumps(timings))
 

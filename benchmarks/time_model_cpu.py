@@ -23,8 +23,6 @@ from engine.planner.search import make_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = (("tiny", 128, 128, 16, 10), ("256", 256, 256, 4, 2))
-STAGE_OF = {"vae_encode": "vae_encode", "conditioning": ("text_encode", "image_encode"),
-            "denoise": "denoise", "vae_decode": "vae_decode"}
 
 
 def run_case(config, h, w, frames, steps, device) -> dict:
@@ -34,16 +32,15 @@ def run_case(config, h, w, frames, steps, device) -> dict:
     opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake", height=h, width=w,
                            frames=frames, steps=steps)
     generate(model, GenerateOptions(**{**opts.__dict__, "steps": 1}), progress=False,
-             settings=dict(plan.settings))  # warm-up
-    measured = generate(model, opts, progress=False, settings=dict(plan.settings)).timings
+             settings=plan.settings)  # warm-up
+    measured = generate(model, opts, plan, progress=False).timings
     rows = []
-    for key, stages in STAGE_OF.items():
-        names = stages if isinstance(stages, tuple) else (stages,)
-        predicted = sum(plan.stage(n).time_s for n in names)
-        rows.append({"stage": key, "predicted_s": round(predicted, 4), "measured_s": round(measured[key], 4),
-                     "ratio": round(measured[key] / predicted, 3) if predicted else None})
-    return {"config": config, "size": f"{h}x{w}x{frames}", "steps": steps, "settings": dict(plan.settings),
-            "rows": rows}
+    for stage in plan.stages:  # the run reports the plan's stages, by the same names
+        predicted, got = stage.time_s, measured[stage.name]
+        rows.append({"stage": stage.name, "predicted_s": round(predicted, 4), "measured_s": round(got, 4),
+                     "ratio": round(got / predicted, 3) if predicted else None})
+    return {"config": config, "size": f"{h}x{w}x{frames}", "steps": steps,
+            "settings": plan.settings.to_dict(), "rows": rows}
 
 
 def main() -> None:

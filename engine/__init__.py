@@ -8,8 +8,8 @@ The public API (imported lazily, so ``import engine`` is cheap)::
     plan = make_plan(spec, 320, 512, 16, catalog_device("rtx-4060-laptop"))
     print(plan.explain())                                     # or plan.to_json()
     model = load_model("512", "model.ckpt", device="cuda")
-    video = generate(model, GenerateOptions(image="cat.png", prompt="a cat"), device="cuda",
-                     settings=dict(plan.settings)).video     # [T, 3, H, W] in [-1, 1]
+    video = generate(model, GenerateOptions(image="cat.png", prompt="a cat"), plan).video
+    # [T, 3, H, W] in [-1, 1]; the plan's device kind (cuda) is where it runs
 
 The memory-aware pieces also work on someone else's modules: ``apply_autoencode_policy`` /
 ``decode_frames`` / ``encode_frames`` on any VAE with ``encode``/``decode``, ``VAEMemoryModel``
@@ -24,7 +24,13 @@ _EXPORTS = {
     "load_model": "engine.pipeline.loading",
     "generate": "engine.pipeline.generate", "GenerateResult": "engine.pipeline.generate",
     "GenerateOptions": "engine.pipeline.options",
-    "make_plan": "engine.planner.search", "Plan": "engine.planner.plan",
+    "make_plan": "engine.planner.search", "Plan": "engine.plan.plan", "Workload": "engine.plan.plan",
+    "Settings": "engine.plan.settings", "Precision": "engine.plan.settings",
+    "Offload": "engine.plan.settings", "CFGMode": "engine.plan.settings",
+    "Attention": "engine.plan.settings", "STAGES": "engine.plan.stages",
+    "EngineError": "engine.errors", "InvalidArgument": "engine.errors", "WrongType": "engine.errors",
+    "PlanMismatch": "engine.errors", "DoesNotFit": "engine.errors",
+    "release_model": "engine.runtime.residency",
     "catalog_device": "engine.device.spec", "vram_device": "engine.device.spec",
     "DeviceSpec": "engine.device.spec", "probe_device": "engine.device",
     "AEMode": "engine.plan.aemode", "apply_autoencode_policy": "engine.runtime.autoencode",

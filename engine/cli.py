@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .commands import convert, generate, gpus, inspect, plan, probe
+from .errors import EngineError
 
 VERBS = {"generate": generate, "plan": plan, "inspect": inspect, "convert": convert, "probe": probe,
          "gpus": gpus}
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return VERBS[args.verb].run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as exc:
+    except (EngineError, ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as exc:
         msg = exc.args[0] if exc.args else str(exc)
         print(f"engine {args.verb}: error: {msg}", file=sys.stderr)
         return 2

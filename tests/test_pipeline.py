@@ -41,9 +41,10 @@ def test_same_seed_same_video_and_other_seed_differs(tiny_model):
 
 @pytest.mark.parametrize("mode", ["per-frame", "batched", "chunk:3"])
 def test_autoencoding_mode_does_not_change_the_video(tiny_model, mode):
-    ref = generate(tiny_model, GenerateOptions(**FAST, ae_encode="batched", ae_decode="batched"),
-                   progress=False).video
-    out = generate(tiny_model, GenerateOptions(**FAST, ae_encode=mode, ae_decode=mode), progress=False).video
+    ref = generate(tiny_model, GenerateOptions(**FAST), progress=False,
+                   settings={"ae_encode": "batched", "ae_decode": "batched"}).video
+    out = generate(tiny_model, GenerateOptions(**FAST), progress=False,
+                   settings={"ae_encode": mode, "ae_decode": mode}).video
     assert torch.allclose(ref, out, atol=1e-5)
 
 
@@ -60,11 +61,11 @@ def test_multi_condition_cfg_runs(tiny_model):
 
 
 @pytest.mark.parametrize("field,value,pattern", [
-    ("height", 60, r"`--height` 60 must be a positive multiple of 16.*use 48 or 64"),
-    ("width", 100, r"`--width` 100 .*use 96 or 112"),
-    ("frames", 0, r"`--frames` 0 must be at least 1"),
-    ("steps", 0, r"`--steps`"),
-    ("image", "/nonexistent.png", r"`--image` '/nonexistent.png' does not exist"),
+    ("height", 60, r"`opts.height` 60 must be a positive multiple of 16.*use 48 or 64"),
+    ("width", 100, r"`opts.width` 100 .*use 96 or 112"),
+    ("frames", 0, r"`opts.frames` 0 must be at least 1"),
+    ("steps", 0, r"`opts.steps`"),
+    ("image", "/nonexistent.png", r"`opts.image` '/nonexistent.png' does not exist"),
 ])
 def test_bad_inputs_get_one_sentence(tiny_model, field, value, pattern):
     with pytest.raises((ValueError, FileNotFoundError)) as info:
@@ -76,7 +77,7 @@ def test_bad_inputs_get_one_sentence(tiny_model, field, value, pattern):
 def test_unreadable_image(tiny_model, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"`--image` .* cannot be read as an image"):
+    with pytest.raises(ValueError, match=r"`opts.image` .* cannot be read as an image"):
         generate(tiny_model, GenerateOptions(**{**FAST, "image": str(bad)}), progress=False)
 
 
@@ -157,14 +158,11 @@ def test_tiled_decode_plan_stays_close(tiny_model):
     assert 0 < mse and psnr > 20
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_plans_run_on_cpu(dtype):
-    from engine.pipeline.loading import load_model
-
-    model = load_model("tiny", None, seed=0)  # private: precision is applied in place and kept
-    ref = generate(model, GenerateOptions(**FAST), progress=False).video
-    out = generate(model, GenerateOptions(**FAST), progress=False,
-                   settings={"dtype": dtype, "offload": "model", "cfg": "batched"}).video
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_plans_run_on_cpu(tiny_model, precision):
+    ref = generate(tiny_model, GenerateOptions(**FAST), progress=False).video
+    out = generate(tiny_model, GenerateOptions(**FAST), progress=False,
+                   settings={"precision": precision, "offload": "model", "cfg": "batched"}).video
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().mean() < 0.05  # same video up to half-precision rounding
 
@@ -190,7 +188,7 @@ def test_cli_demo_plans_and_writes_the_video(tmp_path):
                           "--frames", "4", "--height", "64", "--width", "64", "--quiet"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "plan: dtype=fp32" in run.stdout and read_video(out).shape == (4, 64, 64, 3)
+    assert "plan: precision=fp32" in run.stdout and read_video(out).shape == (4, 64, 64, 3)
     bad = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--height", "60", "--out",
                           str(tmp_path / "bad.mp4")], capture_output=True, text=True)
     assert bad.returncode == 2 and "`--height` 60 must be a positive multiple of 16" in bad.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from engine.config import load_spec
 from engine.device.spec import GIB, catalog_device, load_catalog, nearest_catalog_device, vram_device
+from engine.plan.settings import CFGMode, Offload, Precision
 from engine.planner.search import make_plan
 
 STAGES = ["text_encode", "image_encode", "vae_encode", "denoise", "vae_decode"]
@@ -28,7 +29,8 @@ def spec1024():
 def test_json_contract(spec1024):
     d = make_plan(spec1024, 576, 1024, 16, catalog_device("rtx-4090-laptop")).as_dict()
     assert {"name", "total_bytes", "budget_bytes"} <= set(d["device"])
-    assert {"dtype", "attention", "cfg", "offload", "ae_encode", "ae_decode"} <= set(d["settings"])
+    assert {"precision", "spatial_attention", "temporal_attention", "cfg", "offload", "ae_encode",
+            "ae_decode"} <= set(d["settings"])
     assert [s["name"] for s in d["stages"]] == STAGES
     for s in d["stages"]:
         assert {"name", "peak_bytes", "allocated_bytes", "time_s"} <= set(s)
@@ -43,13 +45,13 @@ def test_1024_fits_the_laptop_card_and_8gib(spec1024):
         plan = make_plan(spec1024, 576, 1024, 16, device)
         assert plan.fits and plan.peak_bytes <= plan.budget_bytes <= device.total_bytes - GIB
     small = make_plan(spec1024, 576, 1024, 16, vram("8GiB"))
-    assert small.settings["offload"] != "none"  # 2.7 GiB of fp16 UNet plus the rest do not all fit
+    assert small.settings.offload is not Offload.NONE  # 2.7 GiB of fp16 UNet plus the rest do not all fit
 
 
 def test_reference_does_not_fit_the_laptop_and_says_why(spec1024):
     plan = make_plan(spec1024, 576, 1024, 16, catalog_device("rtx-4090-laptop"), force="reference")
     assert not plan.fits
-    assert plan.settings["dtype"] == "fp32-autocast" and plan.settings["cfg"] == "sequential"
+    assert plan.settings.precision is Precision.FP32_AUTOCAST and plan.settings.cfg is CFGMode.SEQUENTIAL
     text = plan.explain()
     assert "DOES NOT FIT" in text and "why: denoise needs" in text and "autocast_cache" in text
     # the allocator cache is never emptied in the reference: blocks carry into the decode
@@ -65,12 +67,12 @@ def test_reference_is_predicted_on_every_card(config):
     for slug, device in load_catalog().items():
         plan = make_plan(spec, h, w, 16, device, force="reference")
         assert plan.peak_bytes > 0 and plan.forced[0] == "reference", slug
-        assert plan.settings["ae_decode"] == ("per-frame" if spec.perframe_ae else "batched")
+        assert str(plan.settings.ae_decode) == ("per-frame" if spec.perframe_ae else "batched")
 
 
 def test_forced_keys_combine_with_reference(spec1024):
     plan = make_plan(spec1024, 576, 1024, 16, catalog_device("a100-80gb"), force="reference,ae_decode=batched")
-    assert plan.settings["ae_decode"] == "batched" and plan.forced == ("reference", "ae_decode=batched")
+    assert str(plan.settings.ae_decode) == "batched" and plan.forced == ("reference", "ae_decode=batched")
     per_frame = make_plan(spec1024, 576, 1024, 16, catalog_device("a100-80gb"), force="reference")
     assert plan.stage("vae_decode").allocated_bytes > per_frame.stage("vae_decode").allocated_bytes
 
@@ -160,6 +162,6 @@ def test_xformers_is_planned_only_where_its_kernels_ran(spec1024):
     from dataclasses import replace
 
     card = catalog_device("rtx-4090")
-    assert make_plan(spec1024, 576, 1024, 16, card).settings["attention"] == "sdpa"
+    assert make_plan(spec1024, 576, 1024, 16, card).settings.attention == "sdpa"
     probed = replace(card, source="probe", xformers=True)
-    assert make_plan(spec1024, 576, 1024, 16, probed).settings["attention"] == "xformers"
+    assert make_plan(spec1024, 576, 1024, 16, probed).settings.attention == "xformers"

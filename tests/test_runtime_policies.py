@@ -354,7 +354,7 @@ def test_precision_cast_keeps_schedule_and_norms_fp32(model, inputs):
     assert weight_dtype("fp32-autocast") is torch.float32 and weight_dtype("bf16") is torch.bfloat16
     previous = apply_precision(model, "bf16")
     try:
-        assert previous is torch.float32
+        assert previous.dtype is torch.float32
         unet = model.model.diffusion_model
         assert unet.time_embed[0].weight.dtype is torch.bfloat16
         assert all(m.weight.dtype is torch.float32 for m in model.modules() if isinstance(m, GroupNorm32))
@@ -371,12 +371,12 @@ def test_precision_cast_keeps_schedule_and_norms_fp32(model, inputs):
 def test_precision_context_and_errors(monkeypatch):
     assert isinstance(precision_context("fp32-autocast", "cpu"), contextlib.nullcontext)
     assert isinstance(precision_context("fp16", "cpu"), contextlib.nullcontext)
-    with pytest.raises(ValueError, match="`dtype` 'fp8'"):
+    with pytest.raises(ValueError, match="`precision` 'fp8'"):
         precision_context("fp8", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with pytest.raises(ValueError, match=r"^`dtype` 'bf16' is not supported natively by Tesla T4; use"):
+    with pytest.raises(ValueError, match=r"^`precision` 'bf16' is not supported natively by Tesla T4; use"):
         apply_precision(torch.nn.Linear(2, 2), "bf16", device="cuda")
     ctx = precision_context("fp32-autocast", "cuda")
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype is torch.float16

@@ -33,63 +33,72 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _options(args, GenerateOptions, is_demo: bool):
-    forced = None if args.perframe_ae is None else ("per-frame" if args.perframe_ae else "batched")
+def _options(args, is_demo: bool):
     from ..pipeline.image_io import EXAMPLE_IMAGE
+    from ..pipeline.options import GenerateOptions
+
     return GenerateOptions(
         image=args.image or str(EXAMPLE_IMAGE), image2=args.image2, mode=args.mode,
         prompt=args.prompt if args.prompt is not None else (DEMO_PROMPT if is_demo else ""),
         height=args.height, width=args.width, frames=args.frames,
-        steps=args.steps or (25 if is_demo else 50), cfg=args.cfg, cfg_img=args.cfg_img, fs=args.fs,
-        eta=args.eta, seed=123 if args.seed is None else args.seed, fps=args.fps,
-        ae_encode=forced, ae_decode=forced)
+        steps=args.steps if args.steps is not None else (25 if is_demo else 50), cfg=args.cfg,
+        cfg_img=args.cfg_img, fs=args.fs, eta=args.eta, seed=123 if args.seed is None else args.seed,
+        fps=args.fps)
 
 
-def plan_for(args, spec, opts):
-    """Plan the run for the device it will use; ``--perframe-ae`` becomes a forced setting."""
-    from ..device import host_memory, probe_cpu, probe_device
-    from ..device.spec import parse_size
-    from ..planner.search import make_plan
-
+def _force(args) -> str | None:
+    """``--force`` with ``--perframe-ae/--no-perframe-ae`` added as forced autoencoding modes."""
     force = [args.force] if args.force else []
     if args.perframe_ae is not None:
         mode = "per-frame" if args.perframe_ae else "batched"
         force.append(f"ae_encode={mode},ae_decode={mode}")
+    return ",".join(force) or None
+
+
+def plan_for(args, spec, opts):
+    """Plan the run for the device it will use."""
+    from ..device import host_memory, probe_cpu, probe_device
+    from ..device.spec import parse_size
+    from ..planner.search import make_plan
+
     index = int(args.device.split(":")[1]) if args.device.startswith("cuda:") else 0
     device = probe_device(index) if args.device.startswith("cuda") else probe_cpu()
     if args.device.startswith("cuda") and device.kind != "cuda":
         raise ValueError(f"`--device` {args.device!r} is not available here (no CUDA device found); "
                          "use --device cpu.")
-    return make_plan(spec, opts.height, opts.width, opts.frames, device, force=",".join(force) or None,
+    return make_plan(spec, opts.height, opts.width, opts.frames, device, force=_force(args),
                      reserve_bytes=parse_size(args.reserve, "--reserve") if args.reserve else None,
-                     steps=opts.steps, guidance=opts.cfg != 1.0,
-                     encoded_frames=1 if opts.mode == "i2v" else 2,
+                     steps=opts.steps, guidance=opts.cfg != 1.0, mode=opts.mode,
                      host_bytes=host_memory()["available_bytes"])
 
 
 def run(args) -> int:
     from ..config import load_spec
-    from ..pipeline.generate import generate
-    from ..pipeline.loading import load_model
-    from ..pipeline.options import GenerateOptions, resolve_options
-    from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
     from ..device.spec import format_bytes
+    from ..errors import DoesNotFit
+    from ..pipeline.generate import generate
+    from ..pipeline.image_io import prepare_image
+    from ..pipeline.loading import load_model
+    from ..pipeline.options import cli_name, resolve_options
+    from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
 
     is_demo = args.ckpt is None and args.image is None
     spec = load_spec(args.config)
-    opts = resolve_options(_options(args, GenerateOptions, is_demo), spec)
+    opts = resolve_options(_options(args, is_demo), spec, name=cli_name)
+    for image, flag in ((opts.image, "--image"), (opts.image2, "--image2")):
+        if image is not None:  # a typo costs seconds, not a plan and a model load
+            prepare_image(image, opts.height, opts.width, flag)
     plan = plan_for(args, spec, opts)  # before loading: a run that cannot fit fails in seconds
     if not plan.fits:
-        raise ValueError(f"`--force` {args.force or ''} is predicted to need {format_bytes(plan.peak_bytes)} "
+        raise DoesNotFit(f"`--force` {args.force or ''} is predicted to need {format_bytes(plan.peak_bytes)} "
                          f"of the {format_bytes(plan.budget_bytes)} budget; drop the forced settings "
                          "or lower `--reserve`.")
-    print("plan: " + ", ".join(f"{k}={v}" for k, v in plan.settings.items())
-          + f"; predicted peak {format_bytes(plan.peak_bytes)} of {format_bytes(plan.budget_bytes)}")
+    print(f"plan: {plan.settings.describe()}; predicted peak {format_bytes(plan.peak_bytes)} "
+          f"of {format_bytes(plan.budget_bytes)}")
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
     # casting on the device first would hold the fp32 copy there
     model = load_model(spec.source, args.ckpt, device="cpu")
-    settings = {**plan.settings, "reference": "reference" in plan.forced}  # temporal attention stays naive
-    result = generate(model, opts, device=args.device, progress=not args.quiet, settings=settings)
+    result = generate(model, opts, plan, device=args.device, progress=not args.quiet)
     frames = to_uint8_frames(result.video)
     out = write_mp4(frames, Path(args.out), fps=opts.fps)
     if args.png_dir:

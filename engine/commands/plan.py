@@ -34,13 +34,13 @@ def resolve_device(vram: str | None, gpu: str | None):
 
 def run(args) -> int:
     from ..config import load_spec
-    from ..pipeline.options import GenerateOptions, resolve_options
+    from ..pipeline.options import GenerateOptions, cli_name, resolve_options
     from ..device.spec import parse_size
     from ..planner.search import make_plan
 
     spec = load_spec(args.config)
     opts = resolve_options(GenerateOptions(height=args.height, width=args.width, frames=args.frames,
-                                           steps=args.steps), spec)
+                                           steps=args.steps), spec, name=cli_name)
     device = resolve_device(args.vram, args.gpu)
     reserve = parse_size(args.reserve, "--reserve") if args.reserve else None
     host = None
@@ -49,7 +49,7 @@ def run(args) -> int:
 
         host = host_memory()["available_bytes"]
     plan = make_plan(spec, opts.height, opts.width, opts.frames, device, force=args.force,
-                     reserve_bytes=reserve, steps=opts.steps, encoded_frames=2 if args.interp else 1,
+                     reserve_bytes=reserve, steps=opts.steps, mode="interp" if args.interp else "i2v",
                      host_bytes=host)
     print(plan.to_json() if args.json else plan.explain())
     return 0

@@ -45,24 +45,34 @@ def unet_call(model):
 
 
 @torch.no_grad()
-def build_conditions(model, image, prompt: str, c_concat, fs: int, with_uncond: bool, with_uncond_image: bool):
+def text_conditions(model, prompt: str, batch: int, with_uncond: bool, device):
+    """(prompt tokens, empty-prompt tokens or None) from the text encoder."""
+    text = text_context(model, [prompt] * batch, device)
+    empty = text_context(model, [""] * batch, device) if with_uncond else None
+    return text, empty
+
+
+@torch.no_grad()
+def image_conditions(model, image: torch.Tensor, with_uncond: bool):
+    """(image tokens, tokens of an all-zero image or None) through CLIP and the Resampler."""
+    img = image_context(model, image)
+    zero = image_context(model, torch.zeros_like(image)) if with_uncond else None
+    return img, zero
+
+
+def assemble_conditions(text, empty, img, zero_img, c_concat, fs: int, with_uncond: bool,
+                        with_uncond_image: bool):
     """``(cond, uncond, uncond_image)`` dicts for the guidance wrapper.
 
     The unconditional branch uses the empty prompt and the CLIP embedding of an all-zero image
     (``empty_seq`` in DynamiCrafter) but keeps ``c_concat``: the image latent is never dropped.
     ``uncond_image`` (multi-condition CFG) pairs the empty prompt with the real image tokens.
     """
-    device = image.device
-    fs_t = torch.full((image.shape[0],), int(fs), dtype=torch.long, device=device)
-    text = text_context(model, [prompt] * image.shape[0], device)
-    img = image_context(model, image)
+    fs_t = torch.full((img.shape[0],), int(fs), dtype=torch.long, device=img.device)
     cond = {"c_concat": c_concat, "context": torch.cat([text, img], dim=1), "fs": fs_t}
     uncond = uncond_image = None
-    if with_uncond or with_uncond_image:
-        empty = text_context(model, [""] * image.shape[0], device)
-        if with_uncond:
-            uncond = {"c_concat": c_concat, "fs": fs_t,
-                      "context": torch.cat([empty, image_context(model, torch.zeros_like(image))], dim=1)}
-        if with_uncond_image:
-            uncond_image = {"c_concat": c_concat, "fs": fs_t, "context": torch.cat([empty, img], dim=1)}
+    if with_uncond:
+        uncond = {"c_concat": c_concat, "fs": fs_t, "context": torch.cat([empty, zero_img], dim=1)}
+    if with_uncond_image:
+        uncond_image = {"c_concat": c_concat, "fs": fs_t, "context": torch.cat([empty, img], dim=1)}
     return cond, uncond, uncond_image

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import InvalidArgument
+
 _FORMS = ("batched, per-frame, chunk:K, tile:HxW or chunk:K+tile:HxW "
           "(tile sizes in pixels, optionally +overlap:P pixels)")
 _PART = re.compile(r"^(batched|per-frame|chunk:(\d+)|tile:(\d+)(?:x(\d+))?|overlap:(\d+))$")
@@ -37,16 +39,16 @@ class AEMode:
 
     def __post_init__(self):
         if self.chunk is not None and self.chunk < 1:
-            raise ValueError(f"`chunk` must be >= 1 (got {self.chunk}); use None for batched.")
+            raise InvalidArgument(f"`chunk` must be >= 1 (got {self.chunk}); use None for batched.")
         if self.tile is not None:
             if len(self.tile) != 2 or min(self.tile) < 1:
-                raise ValueError(f"`tile` must be two positive pixel sizes (got {self.tile}).")
+                raise InvalidArgument(f"`tile` must be two positive pixel sizes (got {self.tile}).")
             object.__setattr__(self, "tile", (int(self.tile[0]), int(self.tile[1])))
         if self.overlap is not None:
             if self.tile is None:
-                raise ValueError("`overlap` needs a `tile`; set both or neither.")
+                raise InvalidArgument("`overlap` needs a `tile`; set both or neither.")
             if not 0 <= self.overlap < min(self.tile):
-                raise ValueError(f"`overlap` must be in [0, {min(self.tile)}) for tile "
+                raise InvalidArgument(f"`overlap` must be in [0, {min(self.tile)}) for tile "
                                  f"{self.tile} (got {self.overlap}); use a smaller overlap.")
 
     @property
@@ -74,11 +76,11 @@ class AEMode:
                 (e.g. ``ae_decode``).
 
         Raises:
-            ValueError: one sentence naming ``argument`` and listing the valid forms.
+            InvalidArgument: one sentence naming ``argument`` and listing the valid forms.
         """
         if isinstance(text, AEMode):
             return text
-        bad = ValueError(f"`{argument}` got {text!r}; use one of {_FORMS}.")
+        bad = InvalidArgument(f"`{argument}` got {text!r}; use one of {_FORMS}.")
         if not isinstance(text, str) or not text.strip():
             raise bad
         fields: dict[str, object] = {}
@@ -99,5 +101,5 @@ class AEMode:
             return cls(**fields)
         except ValueError as err:  # out-of-range value: say which, then the valid forms
             reason = str(err).split(";")[0].rstrip(".")
-            raise ValueError(f"`{argument}` got {text!r} ({reason}); "
+            raise InvalidArgument(f"`{argument}` got {text!r} ({reason}); "
                              f"use one of {_FORMS}.") from None

@@ -14,14 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STAGE_COMPONENTS = {
-    "text_encode": ("text_encoder",),
-    "image_encode": ("image_encoder", "image_proj"),
-    "vae_encode": ("vae",),
-    "denoise": ("unet",),
-    "vae_decode": ("vae",),
-}
-
+from ..plan.settings import Offload
+from ..plan.stages import stage as stage_of
 
 @dataclass(frozen=True)
 class DeviceTerms:
@@ -31,21 +25,21 @@ class DeviceTerms:
     context_measured: bool
 
 
-def resident_bytes(stage: str, weights: dict[str, int], offload: str, block_resident: int) -> int:
-    """Weight bytes on the device while ``stage`` runs."""
-    if offload == "none":
+def resident_bytes(stage: str, weights: dict[str, int], offload: Offload, block_resident: int) -> int:
+    """Weight bytes on the device while ``stage`` runs (its components from the stage table)."""
+    if offload is Offload.NONE:
         return sum(weights.values())
-    if offload == "block" and stage == "denoise":
+    if offload is Offload.BLOCK and stage == "denoise":
         return block_resident
-    return sum(weights[c] for c in STAGE_COMPONENTS[stage])
+    return sum(weights[c] for c in stage_of(stage).components)
 
 
-def transfer_bytes(stage: str, weights: dict[str, int], offload: str, unet_calls: int) -> int:
+def transfer_bytes(stage: str, weights: dict[str, int], offload: Offload, unet_calls: int) -> int:
     """Host->device weight bytes a stage moves (model-level: once; block-level: every UNet call)."""
-    if offload == "none":
+    if offload is Offload.NONE:
         return 0
-    moved = sum(weights[c] for c in STAGE_COMPONENTS[stage])
-    return moved * unet_calls if (offload == "block" and stage == "denoise") else moved
+    moved = sum(weights[c] for c in stage_of(stage).components)
+    return moved * unet_calls if (offload is Offload.BLOCK and stage == "denoise") else moved
 
 
 def roofline_seconds(flops: float, bytes_moved: float, flops_rate: float | None,

@@ -9,63 +9,59 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from .costs import (DeviceTerms, reserved_after, resident_bytes, roofline_seconds,
-                    transfer_bytes)
 from ..device.spec import DeviceSpec, default_reserve, format_bytes
-from .plan import STAGE_ORDER, Plan, StagePlan
-from .settings import (CFG_MODES, OFFLOADS, Settings, apply_forced,
-                       parse_force, reference_settings)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one generation asks for."""
-
-    height: int
-    width: int
-    frames: int
-    steps: int = 50
-    guidance: bool = True          # CFG on (scale != 1)
-    encoded_frames: int = 1        # 1 for I2V, 2 for interpolation; the reference encodes all frames
+from ..errors import DoesNotFit
+from ..plan.plan import Plan, Rejected, StagePlan, Workload
+from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, parse_force,
+                             reference_settings)
+from ..plan.stages import STAGE_NAMES
+from .costs import DeviceTerms, reserved_after, resident_bytes, roofline_seconds, transfer_bytes
 
 
 # Searched: a fused kernel, which keeps no score matrix: xformers where the probe saw its kernels
 # run on this device, PyTorch's SDPA otherwise. On our estimates the naive and query-chunked paths
 # never use less memory and are never faster; they stay available via --force.
-def searched_attention(device: DeviceSpec) -> tuple[str, ...]:
-    return ("xformers",) if device.xformers else ("sdpa",)
+def searched_attention(device: DeviceSpec) -> Attention:
+    return Attention.XFORMERS if device.xformers else Attention.SDPA
 
 
-def candidate_settings(device: DeviceSpec, forced: dict, reference: bool, spec) -> list[Settings]:
-    """Every point of the plan space the device supports, with forced keys pinned."""
-    if reference:
-        return [apply_forced(reference_settings(spec), forced)]
+def searched_precisions(device: DeviceSpec) -> list[Precision]:
     # fp32 weights under autocast cost twice the weight memory of fp16 at the same speed: searched
-    # only when forced (or as part of the reference)
-    dtypes = ["fp32"] if device.kind == "cpu" else [d for d in ("fp16", "bf16") if device.bf16 or d != "bf16"]
-    combos = itertools.product(dtypes, searched_attention(device), CFG_MODES, OFFLOADS)
-    out = [apply_forced(Settings(dtype=d, attention=a, cfg=c, offload=o), forced) for d, a, c, o in combos]
+    # only when forced (or as part of the reference); a CPU computes in fp32
+    if device.kind == "cpu":
+        return [Precision.FP32]
+    return [Precision.FP16] + ([Precision.BF16] if device.bf16 else [])
+
+
+def candidate_settings(device: DeviceSpec, forced, perframe_ae: bool) -> list[Settings]:
+    """Every point of the plan space the device supports, with forced keys pinned."""
+    if forced.reference:
+        return [forced.apply(reference_settings(perframe_ae))]
+    attention = searched_attention(device)
+    combos = itertools.product(searched_precisions(device), CFGMode, Offload)
+    out = [forced.apply(Settings(precision=p, spatial_attention=attention, temporal_attention=attention,
+                                 cfg=c, offload=o)) for p, c, o in combos]
     return list(dict.fromkeys(out))  # forced keys collapse duplicates
 
 
 def _unet_calls(s: Settings, w: Workload) -> tuple[int, int]:
     """(UNet calls per step, batch of each call)."""
     branches = 2 if w.guidance else 1
-    return (1, branches) if s.cfg == "batched" else (branches, 1)
+    return (1, branches) if s.cfg is CFGMode.BATCHED else (branches, 1)
 
 
-def _flops_rate(device: DeviceSpec, dtype: str) -> float | None:
+def _flops_rate(device: DeviceSpec, precision: Precision) -> float | None:
     """fp16 and bf16 run on the tensor cores, and so do autocast's fp16 matmuls."""
-    if device.kind == "cpu" or dtype == "fp32":
+    if device.kind == "cpu" or precision is Precision.FP32:
         return device.fp32_flops or device.fp16_flops
     return device.fp16_flops or device.fp32_flops
 
 
 def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *, force: str | None = None,
               reserve_bytes: int | None = None, steps: int = 50, guidance: bool = True,
-              encoded_frames: int = 1, host_bytes: int | None = None, estimators=None) -> Plan:
+              mode: str = "i2v", host_bytes: int | None = None, estimators=None) -> Plan:
     """Choose the fastest predicted settings whose every stage fits ``device`` minus the reserve.
 
     Args:
@@ -76,25 +72,26 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
             combinable: ``reference,ae_decode=batched``. Forced plans are predicted even if they
             do not fit.
         reserve_bytes: memory kept free (default max(1 GiB, 10 %)).
+        steps, guidance, mode: the sampling run (``mode``: ``i2v``, ``interp`` or ``loop``).
         host_bytes: host RAM available for offloaded weights (None: not checked).
         estimators: an ``engine.planner.estimators.Estimators`` (built and cached if None).
     """
     from .estimators import Estimators
 
     t0 = time.perf_counter()
-    forced, reference = parse_force(force, spec)
+    work = Workload.for_spec(spec, height, width, frames, steps=steps, mode=mode, guidance=guidance)
+    forced = parse_force(force)
     reserve = default_reserve(device, reserve_bytes)
     budget = device.total_bytes - reserve
     if device.free_bytes is not None:  # a probed device: what other programs hold is not ours
         budget = min(budget, device.free_bytes)
     if budget <= 0:
-        raise ValueError(f"`--reserve` {format_bytes(reserve)} leaves no memory on a "
-                         f"{format_bytes(device.total_bytes)} device; lower the reserve.")
+        raise DoesNotFit(f"`reserve_bytes` {format_bytes(reserve)} leaves no memory on the "
+                         f"{format_bytes(device.total_bytes)} of {device.name}; lower the reserve.")
     est = estimators or Estimators.for_spec(spec, device)
-    work = Workload(height, width, frames, steps, guidance, frames if reference else encoded_frames)
     fitting, rejected = [], []
-    for cand in candidate_settings(device, forced, reference, spec):
-        chosen, stages, reason = evaluate(spec, cand, work, device, budget, est, host_bytes)
+    for cand in candidate_settings(device, forced, spec.perframe_ae):
+        chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes)
         (rejected if reason else fitting).append((chosen, stages, reason))
     if fitting:
         best, stages, _ = _fastest(fitting)
@@ -103,14 +100,13 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
                       + (" (tied; fewer moves/calls preferred)" if sum(x.time_s for x in st)
                          <= chosen_time * (1 + TIE_TOLERANCE) else ""))
                      for c, st, _ in fitting if c is not best]
-    elif forced or reference:  # a forced plan that does not fit is still predicted and explained
+    elif forced.items:  # a forced plan that does not fit is still predicted and explained
         best, stages, _ = min(rejected, key=lambda e: max(x.peak_bytes for x in e[1]))
     else:
         raise _infeasible(rejected, budget, device)
-    return Plan(config=spec.name, height=height, width=width, frames=frames, device=device,
-                budget_bytes=budget, reserve_bytes=reserve, settings=best.as_dict(), stages=tuple(stages),
-                forced=tuple(["reference"] if reference else []) + tuple(f"{k}={v}" for k, v in forced.items()),
-                rejected=tuple({"settings": s.as_dict(), "reason": r} for s, _, r in rejected[:30]),
+    return Plan(workload=work, device=device, budget_bytes=budget, reserve_bytes=reserve, settings=best,
+                stages=tuple(stages), forced=forced.items,
+                rejected=tuple(Rejected(c, r) for c, _, r in rejected[:30] if c is not best),
                 planning_ms=(time.perf_counter() - t0) * 1e3, assumptions=tuple(est.assumptions()))
 
 
@@ -119,7 +115,7 @@ TIE_TOLERANCE = 0.01  # predicted times this close are within the time model's o
 
 def _preference(s: Settings) -> tuple:
     """Among tied plans: fewer weight moves, fewer UNet calls, fp16 (how the model was run)."""
-    return (OFFLOADS.index(s.offload), s.cfg != "batched", s.dtype != "fp16")
+    return (list(Offload).index(s.offload), s.cfg is not CFGMode.BATCHED, s.precision is not Precision.FP16)
 
 
 def _fastest(fitting):
@@ -129,43 +125,44 @@ def _fastest(fitting):
     return min(tied, key=lambda e: _preference(e[0]))
 
 
-def _infeasible(rejected, budget, device) -> ValueError:
+def _infeasible(rejected, budget, device) -> DoesNotFit:
     need = min((max(x.peak_bytes for x in stages) for _, stages, _ in rejected), default=0)
-    return ValueError(f"`--vram` budget {format_bytes(budget)} on {device.name} is below the "
+    return DoesNotFit(f"the budget {format_bytes(budget)} on {device.name} is below the "
                       f"{format_bytes(need)} the smallest plan needs; use a larger card, a smaller "
-                      "`--reserve`, or a lower resolution or frame count.")
+                      "reserve, or a lower resolution or frame count.")
 
 
 def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident: int):
-    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes) of a stage."""
+    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes, time) of a stage."""
     calls, batch = _unet_calls(s, w)
     if name in ("vae_encode", "vae_decode"):
         direction = "encode" if name == "vae_encode" else "decode"
-        frames = w.encoded_frames if direction == "encode" else w.frames
+        frames = w.encoded_frames(s) if direction == "encode" else w.frames
         forced = s.ae_encode if direction == "encode" else s.ae_decode
-        ch = est.autoencode(direction, frames, w.height, w.width, s.dtype, forced=forced,
+        ch = est.autoencode(direction, frames, w.height, w.width, s.precision.value, forced=forced,
                             budget_bytes=budget_left, resident_bytes=resident)
         return ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s
-    attention = "xformers/naive" if s.reference else s.attention  # DynamiCrafter: temporal stays naive
-    e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.dtype,
-                  attention=attention, cfg_batch=batch, guidance=w.guidance)
+    e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
+                  attention=s.attention, cfg_batch=batch, guidance=w.guidance)
     return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
 
 
-def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes):
+def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes):
     """Predict every stage of candidate ``s``; returns (settings with AE modes, stages, reason or None)."""
-    weights = est.weights(s.dtype)
+    weights = est.weights(s.precision.value)
     terms: DeviceTerms = est.device_terms()
     calls, _ = _unet_calls(s, w)
     unet_calls = calls * w.steps
-    block_res = est.block_resident_bytes(s.dtype) if s.offload == "block" else 0
+    block_res = est.block_resident_bytes(s.precision.value) if s.offload is Offload.BLOCK else 0
     carried = est.carried_bytes(w)
     prev_reserved = prev_live = 0
     stages, reason, modes = [], None, {}
-    for name in STAGE_ORDER:
+    for name in STAGE_NAMES:
         weights_on = resident_bytes(name, weights, s.offload, block_res)
-        cache = est.autocast_cache_bytes() if s.reference and name in ("denoise", "vae_decode") else 0
-        resident = weights_on + carried + cache  # autocast keeps fp16 weight copies (see estimators)
+        # DynamiCrafter's weights require grad: autocast keeps fp16 copies of them (see estimators)
+        cache = (est.autocast_cache_bytes() if s.autocast_weight_cache and s.precision is Precision.FP32_AUTOCAST
+                 and name in ("denoise", "vae_decode") else 0)
+        resident = weights_on + carried + cache
         cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
         left = budget - terms.cuda_context_bytes - cached_free
         act, flops, moved, mode, alloc_extra, ae_time = _stage_work(name, s, w, est, left, resident)
@@ -174,12 +171,12 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
         peak = terms.cuda_context_bytes + reserved
         n = unet_calls if name == "denoise" else 1
         t = ae_time if ae_time is not None else n * roofline_seconds(
-            flops, moved, _flops_rate(device, s.dtype), device.mem_bandwidth)
+            flops, moved, _flops_rate(device, s.precision), device.mem_bandwidth)
         moving = transfer_bytes(name, weights, s.offload, unet_calls) / (device.link_bandwidth or float("inf"))
         # block offload prefetches the next block on a side stream: copies overlap the compute
-        t = max(t, moving) if (s.offload == "block" and name == "denoise") else t + moving
+        t = max(t, moving) if (s.offload is Offload.BLOCK and name == "denoise") else t + moving
         if mode is not None:
-            modes["ae_encode" if name == "vae_encode" else "ae_decode"] = str(mode)
+            modes["ae_encode" if name == "vae_encode" else "ae_decode"] = mode
         note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
         stages.append(StagePlan(name, peak, allocated, t, {
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
@@ -188,6 +185,6 @@ def evaluate(spec, s: Settings, w: Workload, device: DeviceSpec, budget: int, es
         if reason is None and peak > budget:
             reason = f"{name} needs {format_bytes(peak)} > budget {format_bytes(budget)}"
         prev_reserved, prev_live = reserved, resident
-    if reason is None and s.offload != "none" and host_bytes is not None and sum(weights.values()) > host_bytes:
+    if reason is None and s.offload is not Offload.NONE and host_bytes is not None and sum(weights.values()) > host_bytes:
         reason = f"offload needs {format_bytes(sum(weights.values()))} of host RAM > {format_bytes(host_bytes)} free"
     return replace(s, **modes), stages, reason

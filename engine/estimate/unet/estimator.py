@@ -159,8 +159,9 @@ class StageEstimator:
             raise ValueError(f"`frames` ({frames}) must be >= 1 and `cfg_batch` ({cfg_batch}) one "
                              "of 1, 2, 3; pass 1 for sequential CFG.")
         if frames == 1 and stage == "denoise":
-            logger.warning("frames=1 lies outside the traced regime (frames >= 2); size-1 frame "
-                           "dimensions may take other copy paths")
+            from ...logs import warn_once  # once per process: every plan re-estimates denoise
+            warn_once(logger, "frames=1 lies outside the traced regime (frames >= 2); size-1 frame "
+                      "dimensions may take other copy paths")
 
     def _denoise(self, height, width, frames, precision, attention, b) -> StageEstimate:
         kinds = attention_family(attention, self.device_type)
