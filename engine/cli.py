@@ -5,11 +5,11 @@ import argparse
 import logging
 import sys
 
-from .commands import convert, generate, gpus, inspect, plan, probe
+from .commands import batch, convert, generate, gpus, inspect, plan, probe
 from .errors import EngineError
 
 VERBS = {"generate": generate, "plan": plan, "inspect": inspect, "convert": convert, "probe": probe,
-         "gpus": gpus}
+         "gpus": gpus, "batch": batch}
 
 
 def build_parser() -> argparse.ArgumentParser:

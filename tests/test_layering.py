@@ -31,7 +31,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.planner",),
     ("engine.device",),
     ("engine.pipeline",),
-    ("engine.commands", "engine.cli", "engine.__init__"),
+    ("engine.batch",),
+    ("engine.commands", "engine.cli", "engine.__init__", "engine.__main__"),
 )
 
 
