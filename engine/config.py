@@ -15,9 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config_parse import ConfigError, model_spec_fields
-from .models.autoencoder import VAEParams
-from .models.resampler import ResamplerParams
-from .models.unet import UNetParams
+from .models.params import ResamplerParams, UNetParams, VAEParams
 
 __all__ = ["BUILTIN_CONFIGS", "ConfigError", "ModelSpec", "load_spec", "resolve_config_path"]
 

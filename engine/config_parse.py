@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models.autoencoder import VAEParams
-from .models.resampler import ResamplerParams
-from .models.unet import UNetParams
+from .models.params import ResamplerParams, UNetParams, VAEParams
 
 TOP_TARGET = "lvdm.models.ddpm3d.LatentVisualDiffusion"
 UNET_TARGET = "lvdm.modules.networks.openaimodel3d.UNetModel"

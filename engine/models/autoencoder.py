@@ -2,27 +2,11 @@
 ``first_stage_model``. Pure module: chunking and tiling attach from ``engine.runtime.autoencode``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class VAEParams:
-    embed_dim: int = 4
-    z_channels: int = 4
-    in_channels: int = 3
-    out_ch: int = 3
-    ch: int = 128
-    ch_mult: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    double_z: bool = True
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+from .params import VAEParams
 
 
 def _norm(channels):

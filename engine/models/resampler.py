@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ResamplerParams:
-    dim: int = 1024
-    depth: int = 4
-    dim_head: int = 64
-    heads: int = 12
-    num_queries: int = 16
-    embedding_dim: int = 1280
-    output_dim: int = 1024
-    ff_mult: int = 4
-    video_length: int | None = 16
+from .params import ResamplerParams
 
 
 class PerceiverAttention(nn.Module):

@@ -6,8 +6,6 @@ offload units (``_block_modules``); a block is never split (``_no_split_modules`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -15,28 +13,9 @@ from torch import nn
 
 from .layers import GroupNorm32, timestep_embedding, zero_module
 from .transformers import TEXT_CONTEXT_LEN, SpatialTransformer, TemporalTransformer
+from .params import UNetParams
 
 IMAGE_TOKENS_PER_FRAME = 16  # the Resampler emits 16 tokens per frame (hard-coded in DynamiCrafter)
-
-
-@dataclass(frozen=True)
-class UNetParams:
-    in_channels: int = 8
-    out_channels: int = 4
-    model_channels: int = 320
-    attention_resolutions: tuple = (4, 2, 1)
-    num_res_blocks: int = 2
-    channel_mult: tuple = (1, 2, 4, 4)
-    num_head_channels: int = 64
-    context_dim: int = 1024
-    temporal_length: int = 16
-    addition_attention: bool = True
-    image_cross_attention: bool = True
-    image_cross_attention_scale_learnable: bool = False
-    temporal_conv: bool = True
-    temporal_attention: bool = True
-    fs_condition: bool = True
-    default_fs: int = 10
 
 
 class TemporalConvBlock(nn.Module):

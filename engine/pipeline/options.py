@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import InvalidArgument, WrongType
-from .conditioning import MODES
+from ..plan.settings import GenerationMode
+
+MODES = tuple(m.value for m in GenerationMode)  # from the plan's vocabulary: no torch to plan
 
 
 @dataclass(frozen=True)
