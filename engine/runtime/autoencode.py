@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from ..plan.aemode import AEMode
-from .tiling import axis_spans, blend_tiles
+from .grid import tile_grid as _tile_grid
+from .tiling import blend_tiles
 from .vae_adapter import VAECall, downsample_factor, module_place
 
 logger = logging.getLogger(__name__)
@@ -60,20 +61,6 @@ __all__ = ["AEMode", "AutoencodeConfig", "AutoencodePolicy", "apply_autoencode_p
 
 _POLICY_ATTR = "_engine_autoencode_policy"
 _MISSING = object()
-
-
-def _tile_grid(mode: AEMode, h: int, w: int, f: int, argument: str):
-    """Latent-unit tile grid for a latent of size ``h x w``; ``None`` when one tile covers it."""
-    th, tw = mode.tile
-    if th % f or tw % f or (mode.overlap or 0) % f:
-        raise ValueError(f"`{argument}` tile {th}x{tw} / overlap {mode.overlap} must be multiples "
-                         f"of the VAE downsample factor {f}; round them to multiples of {f}.")
-    th, tw = th // f, tw // f
-    if th >= h and tw >= w:
-        return None  # one tile covers the image: run the exact untiled call
-    ov_h = mode.overlap // f if mode.overlap is not None else th // 4
-    ov_w = mode.overlap // f if mode.overlap is not None else tw // 4
-    return axis_spans(h, th, min(ov_h, th - 1)), axis_spans(w, tw, min(ov_w, tw - 1))
 
 
 def _run(caller: VAECall, src: torch.Tensor, mode: AEMode, f: int, out: torch.Tensor | None,

@@ -18,27 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-Span = tuple[int, int]
-
-
-def axis_spans(size: int, tile: int, overlap: int) -> list[Span]:
-    """Split ``[0, size)`` into tiles of length ``tile`` overlapping by at least ``overlap``.
-
-    Tiles all have full length (the last is not truncated, which would give it too little
-    context); their starts are spread evenly, so the actual overlaps are >= ``overlap`` and
-    nearly equal. A tile at least as large as ``size`` gives one span, i.e. no tiling.
-
-    Args:
-        size: extent of the axis (latent units).
-        tile: tile length (latent units), >= 1.
-        overlap: minimum overlap between neighbours, ``0 <= overlap < tile``.
-    """
-    if tile >= size:
-        return [(0, size)]
-    stride = tile - overlap
-    count = math.ceil((size - tile) / stride) + 1
-    starts = [round(i * (size - tile) / (count - 1)) for i in range(count)]
-    return [(s, s + tile) for s in starts]
+from .grid import Span, axis_spans  # noqa: F401 (axis_spans: the runtime's name for it)
 
 
 def _ramp(length: int, scale: int) -> torch.Tensor:

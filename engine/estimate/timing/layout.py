@@ -1,20 +1,13 @@
 """How an autoencoding mode splits a run into VAE calls (see :mod:`engine.estimate.timing`).
 
-Pure Python and torch-free, so the planner can use it without importing torch.
+Pure Python and torch-free (the tile grid is the runtime's own, :mod:`engine.runtime.grid`), so the
+planner can use it without importing torch.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
-
-def _axis_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Same spans as :func:`engine.runtime.tiling.axis_spans` (kept torch-free for planning)."""
-    if tile >= size:
-        return [(0, size)]
-    stride = tile - overlap
-    count = math.ceil((size - tile) / stride) + 1
-    return [(s, s + tile) for s in (round(i * (size - tile) / (count - 1)) for i in range(count))]
+from ...runtime.grid import tile_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +48,10 @@ def call_layout(mode, frames: int, height: int, width: int, downsample: int = 8)
     k = min(mode.chunk or frames, frames)
     chunks = tuple((size, n) for size, n in ((k, frames // k), (frames % k, 1)) if size and n)
     tiled, tiles, call_hw = False, 1, (h, w)
-    if mode.tile is not None:
-        th, tw = mode.tile
-        f = downsample
-        if th % f or tw % f or (mode.overlap or 0) % f:
-            raise ValueError(f"`mode` tile {th}x{tw} / overlap {mode.overlap} must be multiples of "
-                             f"the VAE downsample factor {f}; round them to multiples of {f}.")
-        th, tw = th // f, tw // f
-        if not (th >= h and tw >= w):
-            ov_h = mode.overlap // f if mode.overlap is not None else th // 4
-            ov_w = mode.overlap // f if mode.overlap is not None else tw // 4
-            spans_h = _axis_spans(h, th, min(ov_h, th - 1))
-            spans_w = _axis_spans(w, tw, min(ov_w, tw - 1))
-            tiled, tiles = True, len(spans_h) * len(spans_w)
-            call_hw = (spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0])
+    grid = tile_grid(mode, h, w, downsample, "mode") if mode.tile is not None else None
+    if grid is not None:
+        spans_h, spans_w = grid
+        tiled, tiles = True, len(spans_h) * len(spans_w)
+        call_hw = (spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0])
     return CallLayout(chunks, tiles, call_hw, tiled, tiled or k < frames)
 

@@ -6,11 +6,13 @@ A call is classified into its family (``batched``, ``chunked`` or ``tiled``) and
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from ...runtime import autoencode as _autoencode
 from ...plan.aemode import AEMode
+from ...runtime.grid import tile_grid
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DIRECTIONS = ("decode", "encode")
 FAMILIES = ("batched", "chunked", "tiled")
@@ -32,8 +34,8 @@ def classify_call(frames: int, lat_h: int, lat_w: int, mode: AEMode, f: int) -> 
     k = min(mode.chunk or n, n)
     hw = float(lat_h * lat_w)
     if mode.tile is not None:
-        # The runtime's grid rule (private there; used directly so both always agree).
-        grid = _autoencode._tile_grid(mode, lat_h, lat_w, f, "mode")
+        # The runtime's own grid rule, so both always agree.
+        grid = tile_grid(mode, lat_h, lat_w, f, "mode")
         if grid is not None:
             spans_h, spans_w = grid
             th, tw = spans_h[0][1] - spans_h[0][0], spans_w[0][1] - spans_w[0][0]
@@ -54,6 +56,8 @@ def fit_point(shape: tuple[int, ...], f: int) -> tuple[CallPoint, AEMode]:
 def vae_channels(vae: nn.Module) -> tuple[int, int]:
     """(latent channels, image channels): ours (``params``), diffusers (``config``), else the
     convolutions the calls start with, else the KL-f8 defaults (4, 3)."""
+    from torch import nn
+
     params = getattr(vae, "params", None) or getattr(vae, "config", None)
     latent = getattr(params, "embed_dim", None) or getattr(params, "latent_channels", None)
     image = getattr(params, "in_channels", None)
