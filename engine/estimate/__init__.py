@@ -9,27 +9,24 @@ peak live bytes by kind, FLOPs and bytes moved of one call at one shape; :func:`
 turns a few traces into a formula the planner evaluates in microseconds for any resolution,
 frame count, chunk or tile size; :class:`FitCache` keeps the fits on disk keyed by
 :func:`architecture_hash`.
+
+Imported lazily: the planner reads cached laws through :mod:`engine.estimate.laws` (and the
+torch-free parts of ``unet`` and ``vae``) without importing torch or the tracer.
 """
-from __future__ import annotations
+import importlib
 
-from .laws.cache import FitCache, architecture_hash, default_cache_dir
-from .laws.scaling import ScalingLaw, fit_scaling_law
-from .tracing.allocator import allocation_bytes, segment_overhead_bytes
-from .tracing.measure import measure_cpu_peak_bytes, measure_cuda_peak_bytes
-from .tracing.trace import MemKind, TraceResult, Tracer, trace_call
+_EXPORTS = {
+    "FitCache": "laws.cache", "architecture_hash": "laws.cache", "default_cache_dir": "laws.cache",
+    "ScalingLaw": "laws.scaling", "fit_scaling_law": "laws.scaling",
+    "allocation_bytes": "tracing.allocator", "segment_overhead_bytes": "tracing.allocator",
+    "measure_cpu_peak_bytes": "tracing.measure", "measure_cuda_peak_bytes": "tracing.measure",
+    "MemKind": "tracing.trace", "TraceResult": "tracing.trace", "Tracer": "tracing.trace",
+    "trace_call": "tracing.trace",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "FitCache",
-    "MemKind",
-    "ScalingLaw",
-    "TraceResult",
-    "Tracer",
-    "allocation_bytes",
-    "architecture_hash",
-    "default_cache_dir",
-    "fit_scaling_law",
-    "measure_cpu_peak_bytes",
-    "measure_cuda_peak_bytes",
-    "segment_overhead_bytes",
-    "trace_call",
-]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,12 +4,21 @@ Everything here answers in microseconds once the fits are on disk: the stage law
 (:mod:`engine.estimate.unet`), the VAE memory laws (:mod:`engine.estimate.vae`), an
 autoencoding time model (calibrated on this machine when a calibration is cached, otherwise
 derived from the device's FLOP rate), and the device overhead terms.
+
+With the fits cached, a plan imports no torch and traces nothing: every number a model build
+would give (weight bytes, offload blocks, VAE fits and weights, the image tower's input size) is
+kept in the fit cache under keys computed from the spec and file digests of the code. Torch is
+imported only on a miss, and the first plan of an architecture shows what it fits on stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .costs import DeviceTerms
 from ..device.spec import GIB, DeviceSpec
@@ -34,10 +43,60 @@ class StageWork:
     time_s: float | None = None
 
 
-def _precision_dtype(precision: str):
-    import torch
+def _dtype_name(precision: str) -> str:
+    """The weight dtype a precision is sized at (bf16 bytes equal fp16 bytes)."""
+    return "float32" if precision in ("fp32", "fp32-autocast") else "float16"
 
-    return torch.float32 if precision in ("fp32", "fp32-autocast") else torch.float16
+
+def _torch_dtype(precision: str):
+    import torch  # the cold paths only
+
+    return getattr(torch, _dtype_name(precision))
+
+
+# The fits a default plan of one architecture asks for on a cold cache: three stage indices, the
+# weight inventory, the two encoders (CFG batch), the UNet step at batch 1 and 2+, the image
+# preprocessing at the run's size and the tower's own, the VAE and the offload blocks. Only the
+# progress bar's length: a forced plan may fit fewer or more.
+_DEFAULT_FITS = 12
+
+
+class _FitProgress:
+    """One progress bar on stderr over the fits a cold plan makes (each once per architecture).
+
+    stdout stays clean (``--json``). Opened at the first cold fit; :meth:`close` ends it.
+    """
+
+    def __init__(self, spec, device_type: str, cache_dir: Path) -> None:
+        self.spec, self.device_type, self.cache_dir = spec, device_type, cache_dir
+        self._bar = None
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        if self._bar is None:
+            from tqdm import tqdm
+
+            home = str(Path.home())
+            where = str(self.cache_dir)
+            where = "~" + where[len(home):] if where.startswith(home + "/") else where
+            print(f"engine: fitting memory laws for {self.spec.name} ({self.device_type}): once per "
+                  f"architecture, cached in {where}", file=sys.stderr, flush=True)
+            self._bar = tqdm(total=_DEFAULT_FITS, file=sys.stderr, unit="fit", desc="fitting",
+                             bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}")
+        bar = self._bar
+        bar.total = max(bar.total, bar.n + 1)
+        bar.set_postfix_str(what)
+        try:
+            yield
+        finally:
+            bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.total = self._bar.n
+            self._bar.set_postfix_str("done")
+            self._bar.close()
+            self._bar = None
 
 
 _BUNDLES: dict = {}
@@ -47,11 +106,15 @@ class Estimators:
     """Stage, VAE-memory and VAE-time models for one spec on one device."""
 
     def __init__(self, spec, device: DeviceSpec):
+        from ..estimate.laws.cache import FitCache
         from ..estimate.unet import StageEstimator
 
         self.spec, self.device = spec, device
         self.device_type = "cpu" if device.kind == "cpu" else "cuda"
-        self.stages = StageEstimator(spec, device_type=self.device_type)
+        self._cache = FitCache()
+        self._progress = _FitProgress(spec, self.device_type, self._cache.root)
+        self.stages = StageEstimator(spec, device_type=self.device_type, cache=self._cache,
+                                     progress=self._progress)
         self._vae_memory, self._vae_time, self._notes = {}, {}, []
 
     @classmethod
@@ -69,10 +132,22 @@ class Estimators:
     @functools.lru_cache(maxsize=4)
     def block_resident_bytes(self, precision: str) -> int:
         """Block offload keeps at most two consecutive UNet units on the device."""
-        from ..runtime.offload_units import offload_units
+        from ..estimate.laws.cache import code_digest
 
-        units = [b for _, b in offload_units(self._meta_model(), "block", _precision_dtype(precision))
-                 if b > 0]
+        dtype = _dtype_name(precision)
+        digest = hashlib.sha256(f"{self.spec.unet!r}|{dtype}|".encode()
+                                + code_digest("models/*.py", "runtime/offload_units.py").encode())
+        key = f"offload-blocks-{dtype}-{digest.hexdigest()[:24]}"
+        fit = self._cache.get_fit(key)
+        units = fit.sections.get("block_units") if fit is not None else None
+        if units is None:
+            from ..runtime.offload_units import offload_units
+
+            with self._progress(f"UNet offload blocks ({dtype})"):
+                blocks = offload_units(self._meta_model(), "block", _torch_dtype(precision))
+                units = [b for _, b in blocks]
+            self._cache.put_fit(key, block_units=units)
+        units = [b for b in units if b > 0]
         return max((a + b for a, b in zip(units, units[1:])), default=sum(units))
 
     @functools.lru_cache(maxsize=1)
@@ -114,13 +189,19 @@ class Estimators:
 
     def _vae(self, precision: str):
         from ..estimate.vae import VAEMemoryModel
+        from ..estimate.vae.keys import index_key
 
-        key = "fp32" if precision in ("fp32", "fp32-autocast") else "half"
-        if key not in self._vae_memory:
-            vae = self._meta_vae()
-            self._vae_memory[key] = VAEMemoryModel.for_vae(vae, device_type=self.device_type,
-                                                           dtype=_precision_dtype(precision))
-        return self._vae_memory[key]
+        dtype = _dtype_name(precision)
+        if dtype not in self._vae_memory:
+            index = index_key(self.spec.vae, dtype, self.device_type)
+            model = VAEMemoryModel.from_index(index, cache=self._cache)
+            if model is None:
+                with self._progress(f"VAE encode and decode laws ({dtype})"):
+                    model = VAEMemoryModel.for_vae(self._meta_vae(), device_type=self.device_type,
+                                                   dtype=_torch_dtype(precision), cache=self._cache,
+                                                   index_key=index)
+            self._vae_memory[dtype] = model
+        return self._vae_memory[dtype]
 
     @functools.lru_cache(maxsize=1)
     def _meta_vae(self):
@@ -137,7 +218,7 @@ class Estimators:
             # a calibration measured on this very device (`engine probe --calibrate`), if any
             where = "cpu" if self.device.kind == "cpu" else "cuda"
             try:
-                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_precision_dtype(precision))
+                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_torch_dtype(precision))
             except (RuntimeError, AssertionError):  # the device is not reachable from this process
                 found = None
             if found is not None:
@@ -188,6 +269,9 @@ class Estimators:
         return StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
 
     def assumptions(self) -> list[str]:
+        """What the plan assumed. A plan asks for them last, so this also ends the progress bar
+        of a cold plan's fits."""
+        self._progress.close()
         notes = list(dict.fromkeys(self._notes))
         if self.device.kind == "cuda":
             t = self.device_terms()

@@ -5,8 +5,9 @@ monomial laws from two traces), ``cache`` (:class:`FitCache`, one :data:`SCHEMA_
 """
 from __future__ import annotations
 
-from .cache import SCHEMA_VERSION, CachedFit, FitCache, architecture_hash, default_cache_dir
+from .cache import (SCHEMA_VERSION, CachedFit, FitCache, architecture_hash, code_digest,
+                    default_cache_dir, torch_version)
 from .scaling import ScalingLaw, fit_scaling_law
 
 __all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "ScalingLaw", "architecture_hash",
-           "default_cache_dir", "fit_scaling_law"]
+           "code_digest", "default_cache_dir", "fit_scaling_law", "torch_version"]

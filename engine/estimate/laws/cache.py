@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import platformdirs
-from torch import nn
 
 from .scaling import ScalingLaw
 
+if TYPE_CHECKING:
+    from torch import nn
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "architecture_hash", "default_cache_dir"]
+__all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "architecture_hash", "code_digest",
+           "default_cache_dir", "torch_version"]
 
 # The one version of every cached entry. Bump when the meaning of any cached fit changes (trace
 # semantics, features, the VAE's fit shapes, terms or phase rules, the time model's fields).
@@ -46,6 +51,37 @@ def default_cache_dir() -> Path:
     """``$ENGINE_CACHE_DIR`` when set, else ``platformdirs.user_cache_dir("engine")``."""
     env = os.environ.get("ENGINE_CACHE_DIR")
     return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("engine"))
+
+
+@functools.lru_cache(maxsize=1)
+def torch_version() -> str:
+    """The installed torch's version, read from its package metadata (importing torch takes
+    seconds; this takes microseconds). Equal to ``torch.__version__`` for pip and conda builds."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source build run from its checkout
+        import torch
+
+        return torch.__version__
+
+
+_ENGINE_ROOT = Path(__file__).resolve().parents[2]  # engine/
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(*patterns: str) -> str:
+    """Digest of the engine source files matching ``patterns`` (globs relative to ``engine/``),
+    of :data:`SCHEMA_VERSION` and of the torch version: edit any of those files and every key
+    built on the digest changes, so the fits they produced are refitted.
+
+    Reads file bytes only (no module is imported), so a warm process computes its keys without
+    torch; ``("models/*.py", "runtime/tiling.py")`` hashes ~20 files in about a millisecond.
+    """
+    h = hashlib.sha256(f"{SCHEMA_VERSION}|{torch_version()}".encode())
+    for pattern in patterns:
+        for path in sorted(_ENGINE_ROOT.glob(pattern)):
+            h.update(path.relative_to(_ENGINE_ROOT).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def architecture_hash(module: nn.Module, mode: str = "", *,

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from .scaling import ScalingLaw
-from ..tracing.log import TraceLog
+
+if TYPE_CHECKING:  # the laws are read without torch; only deriving them reads trace logs
+    from ..tracing.log import TraceLog
 
 logger = logging.getLogger(__name__)
 

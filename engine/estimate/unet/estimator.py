@@ -6,6 +6,7 @@ well under a millisecond once a fit is loaded. Fits come from fake traces of the
 built on the meta device (:mod:`engine.estimate.unet.fits`), two traces per family, and are kept
 in the :class:`~engine.estimate.laws.cache.FitCache`; a small index keyed by the spec and the code maps
 a spec to its architecture hashes and weight counts, so a warm process builds no model at all.
+Torch is imported only on a cache miss: a warm estimate reads JSON and multiplies numbers.
 
 Example::
 
@@ -16,20 +17,17 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Mapping
 
-import torch
-
-from ..laws.cache import FitCache, architecture_hash
+from ..laws.cache import FitCache
 from ..laws.monomials import MonomialLaws
-from .fits import const_laws, family_key, fit_stage, spec_digest
-from .modules import (attention_family, build_stage_modules, clip_image_size, precision_of,
-                           preprocess_call)
-from ..tracing.log import trace_log
+from .keys import family_key, preprocess_key, spec_digest
+from .precision import Precision, attention_family, precision_of
 from .weights import bytes_in, component_weight_bytes, weight_inventory
 
 logger = logging.getLogger(__name__)
@@ -37,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAGES", "StageEstimate", "StageEstimator", "component_weight_bytes"]
 
 STAGES = ("text_encode", "image_encode", "denoise")
+_LABELS = {"text_encode": "text encoder", "image_encode": "image encoder", "denoise": "UNet"}
 _STAGE_COMPONENTS = {"text_encode": ("text_encoder",), "denoise": ("unet",),
                      "image_encode": ("image_encoder", "image_proj")}
 
@@ -75,12 +74,15 @@ class StageEstimator:
         spec: a :class:`~engine.config.ModelSpec` (from :func:`engine.config.load_spec`).
         device_type: the device type to plan for, ``"cuda"`` (planning) or ``"cpu"``.
         cache: where fits live; defaults to ``FitCache()`` (``$ENGINE_CACHE_DIR``).
+        progress: called with a description of each cold fit before it runs; the context
+            manager it returns is held while the fit runs (a progress bar, a log line).
 
     Fits are loaded from ``cache`` (milliseconds) or traced the first time a family is asked for
     (seconds; see :meth:`warm`). :attr:`fit_seconds` records the cold fits this instance made.
     """
 
-    def __init__(self, spec, device_type: str = "cuda", *, cache: FitCache | None = None):
+    def __init__(self, spec, device_type: str = "cuda", *, cache: FitCache | None = None,
+                 progress: Callable[[str], ContextManager[Any]] | None = None):
         if device_type not in ("cuda", "cpu"):
             raise ValueError(f"`device_type` {device_type!r} is not supported; use 'cuda' or "
                              "'cpu'.")
@@ -88,11 +90,11 @@ class StageEstimator:
         self.device_type = device_type
         self.cache = cache if cache is not None else FitCache()
         self.fit_seconds: dict[str, float] = {}
+        self._progress = progress or (lambda what: contextlib.nullcontext())
         self._laws: dict[str, tuple[MonomialLaws, dict]] = {}
-        self._modules: dict[tuple[str, torch.dtype], tuple] = {}
-        self._arch: dict[str, str] = {}
+        self._modules: dict[tuple[str, str], tuple] = {}
+        self._index: dict[str, dict[str, Any]] = {}
         self._inventory: dict | None = None
-        self._pre: dict[tuple, MonomialLaws] = {}
 
     # -- public -------------------------------------------------------------------------------
     def estimate(self, stage: str, *, height: int, width: int, frames: int | None = None,
@@ -166,20 +168,20 @@ class StageEstimator:
     def _denoise(self, height, width, frames, precision, attention, b) -> StageEstimate:
         kinds = attention_family(attention, self.device_type)
         prec = precision_of(precision)
-        laws, meta = self._family("denoise", precision, kinds, "b1" if b == 1 else "b2+")
+        laws, meta = self._family("denoise", prec, kinds, "b1" if b == 1 else "b2+")
         f = self.spec.vae.downsample_factor
         v = laws.evaluate({"b": b, "f": frames, "hw": (height // f) * (width // f)})
-        cache = meta["cast_bytes"] if prec.autocast_dtype is not None else 0
+        cache = meta["cast_bytes"] if prec.autocast is not None else 0
         return self._result("denoise", precision, v, {"autocast_weight_cache_bytes": cache})
 
     def _encoder(self, stage, height, width, precision, b) -> StageEstimate:
         prec = precision_of(precision)
-        laws, meta = self._family(stage, precision, ("sdpa", "sdpa"), f"b{b}")
+        laws, meta = self._family(stage, prec, ("sdpa", "sdpa"), f"b{b}")
         v = laws.evaluate({})
-        terms = {"autocast_weight_cache_bytes": meta["cast_bytes"] if prec.autocast_dtype else 0}
+        terms = {"autocast_weight_cache_bytes": meta["cast_bytes"] if prec.autocast else 0}
         if stage == "image_encode":
             # The tower was traced at its own input size; swap in the preprocessing at this one.
-            own = clip_image_size(self.spec)
+            own = tuple(self._stage_index("image_encode")["image_size"])
             pre, pre_own = (self._preprocess(prec, b, hh, ww).evaluate({})
                             for hh, ww in ((height, width), own))
             v["peak"] = max(v["peak"], pre["peak"])
@@ -199,51 +201,88 @@ class StageEstimator:
             terms=MappingProxyType({k: int(x) for k, x in terms.items()}))
 
     # -- fits and cache -----------------------------------------------------------------------
-    def _stage_modules(self, stage: str, dtype: torch.dtype) -> tuple:
-        if (stage, dtype) not in self._modules:
-            self._modules[(stage, dtype)] = build_stage_modules(self.spec, stage, dtype)
-        return self._modules[(stage, dtype)]
+    def _stage_modules(self, stage: str, prec: Precision) -> tuple:
+        from .modules import build_stage_modules
 
-    def _arch_hash(self, stage: str) -> str:
-        """The stage's architecture hash, from the spec-keyed index or by building it on meta."""
-        if stage not in self._arch:
+        if (stage, prec.weight) not in self._modules:
+            self._modules[(stage, prec.weight)] = build_stage_modules(self.spec, stage,
+                                                                      prec.weight_dtype)
+        return self._modules[(stage, prec.weight)]
+
+    def _stage_index(self, stage: str) -> dict[str, Any]:
+        """The stage's architecture hash (and the image tower's input size), from the spec-keyed
+        index or, on a miss, by building the stage on the meta device."""
+        if stage not in self._index:
             key = f"stages-index-{spec_digest(self.spec, stage)}"
             fit = self.cache.get_fit(key)
-            arch = fit.sections.get("arch") if fit is not None else None
-            if arch is None:
-                mods = self._stage_modules(stage, torch.float32)
-                arch = architecture_hash(torch.nn.ModuleList(mods), stage)
-                self.cache.put_fit(key, arch=arch)
-            self._arch[stage] = arch
-        return self._arch[stage]
+            entry = dict(fit.sections) if fit is not None else {}
+            if "arch" not in entry or (stage == "image_encode" and "image_size" not in entry):
+                with self._progress(f"{_LABELS[stage]}: architecture on the meta device"):
+                    entry = self._build_index(stage)
+                self.cache.put_fit(key, **entry)
+            self._index[stage] = entry
+        return self._index[stage]
 
-    def _family(self, stage, precision, kinds, regime) -> tuple[MonomialLaws, dict]:
-        prec = precision_of(precision)
-        key = family_key(stage, self._arch_hash(stage), prec.family, kinds, regime,
+    def _build_index(self, stage: str) -> dict[str, Any]:
+        import torch
+
+        from ..laws.cache import architecture_hash
+        from .modules import clip_image_size
+
+        mods = self._stage_modules(stage, precision_of("fp32"))
+        entry: dict[str, Any] = {"arch": architecture_hash(torch.nn.ModuleList(mods), stage)}
+        if stage == "image_encode":
+            entry["image_size"] = list(clip_image_size(self.spec))
+        return entry
+
+    def _family(self, stage, prec: Precision, kinds, regime) -> tuple[MonomialLaws, dict]:
+        key = family_key(stage, self._stage_index(stage)["arch"], prec.family, kinds, regime,
                          self.device_type)
-        if key not in self._laws:
-            fit = self.cache.get_fit(key)
-            if fit is not None and fit.laws:
-                meta = dict(fit.meta)
-                fitted = MonomialLaws.from_laws(dict(fit.laws), meta["features"],
-                                                meta["exponents"], meta["unmatched_fraction"])
-            else:
-                mods = self._stage_modules(stage, prec.weight_dtype)
-                fitted, meta = fit_stage(self.spec, stage, prec, kinds, regime, self.device_type,
-                                         mods)
-                self.cache.put_fit(key, laws=fitted.to_laws(meta["feature_ranges"]), meta=meta)
-                self.fit_seconds[key] = meta["fit_seconds"]
-            self._laws[key] = (fitted, meta)
-        return self._laws[key]
 
-    def _preprocess(self, prec, b: int, height: int, width: int) -> MonomialLaws:
-        key = (prec.family, b, height, width)
-        if key not in self._pre:
+        def fit():
+            from .fits import fit_stage
+
+            mods = self._stage_modules(stage, prec)
+            return fit_stage(self.spec, stage, prec, kinds, regime, self.device_type, mods)
+
+        what = f"{_LABELS[stage]} laws, batch {regime.lstrip('b')} ({prec.family}, {'/'.join(kinds)})"
+        return self._cached_laws(key, what, fit)
+
+    def _preprocess(self, prec: Precision, b: int, height: int, width: int) -> MonomialLaws:
+        key = preprocess_key(self.spec, prec.family, b, height, width, self.device_type)
+
+        def fit():
+            from ..tracing.log import trace_log
+            from .fits import const_laws
+            from .modules import preprocess_call
+
             fn, args = preprocess_call(self.spec, b, height, width, prec.act_dtype)
             log, _ = trace_log(fn, args, (), device=self.device_type,
                                autocast_dtype=prec.autocast_dtype)
-            self._pre[key] = const_laws(log)
-        return self._pre[key]
+            laws = const_laws(log)
+            return laws, {"features": [], "exponents": [[]], "unmatched_fraction": 0.0,
+                          "feature_ranges": {}, "num_ops": log.num_ops}
+
+        what = f"image preprocessing at {height}x{width}, batch {b} ({prec.family})"
+        return self._cached_laws(key, what, fit)[0]
+
+    def _cached_laws(self, key: str, what: str,
+                     fit: Callable[[], tuple[MonomialLaws, dict]]) -> tuple[MonomialLaws, dict]:
+        """Laws under ``key``: in this process, else in the cache, else fitted (and stored)."""
+        if key not in self._laws:
+            found = self.cache.get_fit(key)
+            if found is not None and found.laws:
+                meta = dict(found.meta)
+                laws = MonomialLaws.from_laws(dict(found.laws), meta["features"],
+                                              meta["exponents"], meta["unmatched_fraction"])
+            else:
+                with self._progress(what):
+                    laws, meta = fit()
+                self.cache.put_fit(key, laws=laws.to_laws(meta["feature_ranges"]), meta=meta)
+                if "fit_seconds" in meta:
+                    self.fit_seconds[key] = meta["fit_seconds"]
+            self._laws[key] = (laws, meta)
+        return self._laws[key]
 
     def _weights(self) -> dict:
         if self._inventory is None:
@@ -253,8 +292,9 @@ class StageEstimator:
             if inventory is None:
                 from ...models.lvdm import COMPONENTS, build_model
 
-                model = build_model(self.spec, device="meta")
-                inventory = weight_inventory({n: model.component(n) for n in COMPONENTS})
+                with self._progress("weights of every component on the meta device"):
+                    model = build_model(self.spec, device="meta")
+                    inventory = weight_inventory({n: model.component(n) for n in COMPONENTS})
                 self.cache.put_fit(key, inventory=inventory)
             self._inventory = inventory
         return self._inventory

@@ -1,4 +1,4 @@
-"""Fitting the non-VAE stages from a few traces, and the disk-cache keys their fits live under.
+"""Fitting the non-VAE stages from a few traces (their cache keys live in :mod:`.keys`).
 
 ``denoise`` is fitted per (precision family, attention backends, CFG regime, device type) from two
 traces whose batch, frame and latent-pixel ratios are 2, 3 and 5 (see
@@ -6,24 +6,18 @@ traces whose batch, frame and latent-pixel ratios are 2, 3 and 5 (see
 ``(b t) -> b t`` rearranges are views, with two or more they are copies, so the op sequence
 differs. ``text_encode`` and the vision tower of ``image_encode`` run at fixed shapes and are
 traced directly at each batch they are used with (1 or 2); only the image preprocessing depends
-on the resolution, and it is a few ops, traced on demand.
+on the resolution, and it is a few ops, traced once per input size and cached like the fits.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import logging
-import re
 import time
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..laws.cache import SCHEMA_VERSION
 from ..laws.monomials import MonomialLaws, derive_laws
 from .modules import (Precision, build_stage_modules, clip_image_size, sdpa_kernel, stage_call,
                            use_attention)
@@ -39,39 +33,6 @@ DENOISE_FIT_SHAPES = {
 _MAX_EXPONENTS = {"b": 2, "f": 3, "hw": 2}
 # Modules whose weights DynamiCrafter leaves requires_grad=True, so autocast caches their casts.
 _GRAD_MODULES = {"denoise": (0,), "image_encode": (1,), "text_encode": ()}
-_SOURCES = ("models/*.py", "estimate/tracing/*.py", "estimate/laws/monomials.py",
-            "estimate/unet/*.py")
-
-
-@lru_cache(maxsize=1)
-def source_digest() -> str:
-    """Digest of the code a fit depends on (model classes, tracer), of torch and open_clip, and of
-    the cache's :data:`~engine.estimate.laws.cache.SCHEMA_VERSION`."""
-    root = Path(__file__).resolve().parents[2]  # engine/
-    h = hashlib.sha256(f"{SCHEMA_VERSION}|{torch.__version__}".encode())
-    try:
-        h.update(importlib.metadata.version("open_clip_torch").encode())
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for pattern in _SOURCES:
-        for path in sorted(root.glob(pattern)):
-            h.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def spec_digest(spec, stage: str) -> str:
-    """Digest of what builds ``stage``'s modules: spec parameters plus :func:`source_digest`."""
-    parts = (stage, repr(spec.unet), repr(spec.resampler), repr(spec.text_arch),
-             repr(spec.image_arch), spec.text_layer, source_digest())
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-
-
-def family_key(stage: str, arch_hash: str, precision_family: str, kinds: tuple[str, str],
-               regime: str, device_type: str) -> str:
-    """FitCache key of one fit: architecture hash, precision, backends, regime, device, torch."""
-    tail = hashlib.sha256(f"{arch_hash}|{torch.__version__}|{source_digest()}".encode())
-    name = f"stage-{stage}-{regime}-{precision_family}-{kinds[0]}-{kinds[1]}-{device_type}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + "-" + tail.hexdigest()[:20]
 
 
 def const_laws(log: TraceLog) -> MonomialLaws:

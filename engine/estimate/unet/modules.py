@@ -8,75 +8,25 @@ The calls mirror :mod:`engine.pipeline.conditioning` and :mod:`engine.pipeline.g
 * ``denoise``: one ``apply_model`` call (``c_concat`` channel-concatenated, context of
   ``77 + 16 * frames`` tokens, ``fs``) at latent ``[B, 4, frames, H/8, W/8]``.
 
-Precision regimes (``precision`` names): ``fp32-autocast`` keeps fp32 weights and computes under
-fp16 autocast (DynamiCrafter's own inference); ``fp16`` and ``bf16`` are half-precision weights
-and activations (equal byte counts, traced as fp16); ``fp32`` is full precision.
+The precision regimes and attention families are named in :mod:`engine.estimate.unet.precision`
+(torch-free) and re-exported here.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ...models.attention_ops import parse_backend
+from .precision import PRECISIONS, Precision, attention_family, precision_of
 
 __all__ = ["PRECISIONS", "Precision", "attention_family", "build_stage_modules", "clip_image_size",
            "precision_of", "preprocess_call", "sdpa_kernel", "stage_call", "use_attention"]
 
 # A chunk larger than any token count: one chunk per call, so the op sequence is shape-independent.
 _ONE_CHUNK = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """How a precision name is traced: weight dtype, activation dtype, autocast dtype."""
-
-    family: str
-    weight_dtype: torch.dtype
-    act_dtype: torch.dtype
-    autocast_dtype: torch.dtype | None = None
-
-
-PRECISIONS = {
-    "fp32-autocast": Precision("amp16", torch.float32, torch.float32, torch.float16),
-    "fp16": Precision("half", torch.float16, torch.float16),
-    "bf16": Precision("half", torch.float16, torch.float16),  # bf16 bytes equal fp16 bytes
-    "fp32": Precision("fp32", torch.float32, torch.float32),
-}
-
-
-def precision_of(name: str) -> Precision:
-    """The :class:`Precision` for ``name``; raises for unknown names."""
-    try:
-        return PRECISIONS[name]
-    except KeyError:
-        raise ValueError(f"`precision` {name!r} is unknown; use one of "
-                         f"{', '.join(PRECISIONS)}.") from None
-
-
-def attention_family(attention: str, device_type: str) -> tuple[str, str]:
-    """``(spatial, temporal)`` backend kinds for an ``attention`` setting.
-
-    ``attention`` is one backend for every attention layer (``naive``, ``sdpa``, ``xformers``,
-    ``chunked:N``) or ``SPATIAL/TEMPORAL``, e.g. ``xformers/naive`` for DynamiCrafter's own run
-    (xformers in spatial layers, the plain path in temporal ones). The chunk size is dropped:
-    with fused kernels chunking changes only per-chunk scratch, bounded by the one-chunk trace.
-    """
-    parts = attention.split("/")
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise ValueError(f"`attention` {attention!r} has more than one '/'; write one backend or "
-                         "SPATIAL/TEMPORAL such as 'xformers/naive'.")
-    kinds = tuple(parse_backend(p)[0] for p in parts)
-    if "xformers" in kinds and device_type != "cuda":
-        raise ValueError(f"`attention` {attention!r} needs CUDA (xformers has no CPU kernels); "
-                         "use 'sdpa' or 'naive' for device type 'cpu'.")
-    return kinds  # type: ignore[return-value]
 
 
 def sdpa_kernel(kinds: tuple[str, str]) -> str:

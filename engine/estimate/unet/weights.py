@@ -6,18 +6,19 @@ disk so a warm process does not build the 2.6B-parameter model at all.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from torch import nn
+from .precision import precision_of
 
-from .modules import precision_of
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["bytes_in", "component_weight_bytes", "weight_inventory"]
 
 
 def bytes_in(counts: Mapping[str, int], precision: str) -> int:
     """Bytes of an inventory entry with its floating tensors stored in ``precision``."""
-    return counts["float"] * precision_of(precision).weight_dtype.itemsize + counts["other_bytes"]
+    return counts["float"] * precision_of(precision).weight_bytes + counts["other_bytes"]
 
 
 def component_weight_bytes(spec, precision: str) -> dict[str, int]:

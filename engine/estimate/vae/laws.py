@@ -10,16 +10,19 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..laws.cache import FitCache
 from ..laws.scaling import ScalingLaw, fit_scaling_law, parse_term
 from .shapes import fit_point
-from .trace import TraceJob, TraceSample, trace_samples
+
+if TYPE_CHECKING:  # loading laws needs no torch; fitting them traces (imported in fit_families)
+    import torch
+    from torch import nn
+
+    from .trace import TraceSample
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +162,8 @@ def fit_families(twin: nn.Module, wanted: list[tuple[str, str]], device_type: st
              dtype: torch.dtype, channels: tuple[int, int], f: int):
     """Trace the fit shapes of every wanted (direction, family) in one session and fit them;
     returns ``{(direction, family): (laws, meta)}``."""
+    from .trace import TraceJob, trace_samples
+
     start = time.perf_counter()
     jobs = []
     for direction, family in wanted:

@@ -61,27 +61,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import weakref
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ...plan.aemode import AEMode
-from ...runtime.autoencode import decode_frames, encode_frames
-from ...runtime.vae_adapter import downsample_factor
-from ..laws.cache import FitCache, architecture_hash
-from ..tracing.trace import TraceResult, trace_call
-from .keys import hash_extra
-from .laws import FamilyLaws, fit_families
-from .shapes import DIRECTIONS, FAMILIES, CallPoint, classify_call, input_shape, vae_channels
-from .trace import meta_twin
+from ..laws.cache import FitCache
+from .laws import FamilyLaws
+from .shapes import DIRECTIONS, FAMILIES, CallPoint, classify_call, input_shape
+
+if TYPE_CHECKING:  # predicting from cached laws needs no torch; fitting and tracing import it
+    import torch
+    from torch import nn
+
+    from ..tracing.trace import TraceResult
 
 __all__ = ["DIRECTIONS", "FAMILIES", "VAEMemoryModel", "VAEStageMemory"]
 
+logger = logging.getLogger(__name__)
+
 _DEFAULT_CACHE: Any = object()
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``torch.float16`` or ``"float16"`` -> ``"float16"`` (no torch import)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,22 +157,31 @@ class VAEMemoryModel:
         weights_bytes: the VAE's parameters and buffers in ``dtype``.
         channels: ``(latent channels, image channels)``.
         factor: the spatial downsample factor.
-        dtype: the planned dtype.
+        dtype: the planned dtype, a torch dtype or its name (``"float16"``).
         device_type: ``"cpu"`` or ``"cuda"``.
         vae: the source module (kept by weak reference, for :meth:`trace`).
         report: per ``"direction/family"``: where the laws came from and their fit errors.
     """
 
     def __init__(self, laws: Mapping[tuple[str, str], FamilyLaws], *, weights_bytes: int,
-                 channels: tuple[int, int], factor: int, dtype: torch.dtype, device_type: str,
-                 vae: nn.Module | None = None, report: Mapping[str, Any] | None = None) -> None:
+                 channels: tuple[int, int], factor: int, dtype: torch.dtype | str,
+                 device_type: str, vae: nn.Module | None = None,
+                 report: Mapping[str, Any] | None = None) -> None:
         self.laws = dict(laws)
         self.weights_bytes = int(weights_bytes)
         self.channels, self.factor = (int(channels[0]), int(channels[1])), int(factor)
-        self.dtype, self.device_type = dtype, device_type
+        self.dtype_name, self.device_type = _dtype_name(dtype), device_type
+        self.dtype_bytes = _ITEMSIZE[self.dtype_name]
         self.report = dict(report or {})
         self._vae_ref = weakref.ref(vae) if vae is not None else None
         self._trace_twin: nn.Module | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The planned torch dtype (imports torch; predictions use :attr:`dtype_bytes`)."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def directions(self) -> tuple[str, ...]:
@@ -173,9 +189,9 @@ class VAEMemoryModel:
         return tuple(d for d in DIRECTIONS if any(key[0] == d for key in self.laws))
 
     @classmethod
-    def for_vae(cls, vae: nn.Module, *, device_type: str = "cpu",
-                dtype: torch.dtype = torch.float32,
-                cache: FitCache | None = _DEFAULT_CACHE) -> VAEMemoryModel:
+    def for_vae(cls, vae: nn.Module, *, device_type: str = "cpu", dtype: torch.dtype | None = None,
+                cache: FitCache | None = _DEFAULT_CACHE,
+                index_key: str | None = None) -> VAEMemoryModel:
         """Fit (or load from ``cache``) the model of ``vae`` for ``device_type`` and ``dtype``.
 
         A meta-device twin of ``vae`` in ``dtype`` is traced on fake tensors, so ``vae`` may be
@@ -186,14 +202,27 @@ class VAEMemoryModel:
         Args:
             vae: any module with ``encode`` and/or ``decode`` (ours or diffusers-style).
             device_type: the device to plan for, ``"cpu"`` or ``"cuda"`` (no GPU needed).
-            dtype: the dtype the VAE will run in.
+            dtype: the dtype the VAE will run in (default ``torch.float32``).
             cache: where fits are kept; default :class:`FitCache` (``$ENGINE_CACHE_DIR``);
                 ``None`` always refits and stores nothing.
+            index_key: also store, under this key, what :meth:`from_index` needs to rebuild the
+                model without the VAE (and without torch); see
+                :func:`engine.estimate.vae.keys.index_key`.
 
         Example:
             >>> model = VAEMemoryModel.for_vae(vae, device_type="cuda", dtype=torch.float16)
             >>> model.predict("decode", 16, 576, 1024, "per-frame").allocated_bytes
         """
+        import torch
+
+        from ...runtime.vae_adapter import downsample_factor
+        from ..laws.cache import architecture_hash
+        from .keys import hash_extra
+        from .laws import fit_families
+        from .shapes import vae_channels
+        from .trace import meta_twin
+
+        dtype = torch.float32 if dtype is None else dtype
         directions = _check_for_vae(vae, device_type, dtype)
         cache = FitCache() if cache is _DEFAULT_CACHE else cache
         extra = hash_extra(dtype, device_type)
@@ -216,8 +245,44 @@ class VAEMemoryModel:
                     fam_laws.store(cache, keys[key], meta)
         weights = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
                       for t in itertools.chain(vae.parameters(), vae.buffers()))
+        if index_key is not None and cache is not None:
+            cache.put_fit(index_key, vae_index={
+                "keys": {"/".join(k): v for k, v in keys.items()}, "weights_bytes": weights,
+                "channels": list(channels), "factor": f, "dtype": _dtype_name(dtype),
+                "device_type": device_type})
         return cls(laws, weights_bytes=weights, channels=channels, factor=f, dtype=dtype,
                    device_type=device_type, vae=vae, report=report)
+
+    @classmethod
+    def from_index(cls, index_key: str, *,
+                   cache: FitCache | None = _DEFAULT_CACHE) -> VAEMemoryModel | None:
+        """The model :meth:`for_vae` stored with ``index_key``, rebuilt from the cache alone
+        (no VAE, no torch, a few milliseconds), or None when the index or any fit is missing.
+
+        The model cannot :meth:`trace` (it holds no VAE); everything else is as from
+        :meth:`for_vae`.
+        """
+        cache = FitCache() if cache is _DEFAULT_CACHE else cache
+        fit = cache.get_fit(index_key) if cache is not None else None
+        index = fit.sections.get("vae_index") if fit is not None else None
+        if not isinstance(index, dict):
+            return None
+        laws, report = {}, {}
+        try:
+            for name, digest in index["keys"].items():
+                loaded = FamilyLaws.load(cache, digest)
+                if loaded is None:
+                    return None
+                key = tuple(name.split("/"))
+                laws[key], meta = loaded
+                report[name] = {"source": "cache", **meta}
+            return cls(laws, weights_bytes=index["weights_bytes"],
+                       channels=tuple(index["channels"]), factor=index["factor"],
+                       dtype=index["dtype"], device_type=index["device_type"], report=report)
+        except (KeyError, TypeError, ValueError) as err:
+            logger.warning("ignoring malformed VAE index %s in the cache (%s); refitting",
+                           index_key, err)
+            return None
 
     # -- evaluation --------------------------------------------------------------------------
     def _point(self, direction: str, frames: int, height: int, width: int,
@@ -261,7 +326,7 @@ class VAEMemoryModel:
         cuda = self.device_type == "cuda"
         return VAEStageMemory(
             direction=direction, mode=str(mode), activation_bytes=int(math.ceil(live)),
-            weights_bytes=self.weights_bytes, input_bytes=inputs * self.dtype.itemsize,
+            weights_bytes=self.weights_bytes, input_bytes=inputs * self.dtype_bytes,
             workspace_bytes=int(math.ceil(total - live)),
             allocator_bytes=int(laws.allocator) if cuda else 0, peak_phase=phase,
             workspace_modelled=not cuda, extrapolated=laws.extrapolates(point.features))
@@ -300,6 +365,12 @@ class VAEMemoryModel:
         Args:
             direction, frames, height, width, mode: as in :meth:`predict`.
         """
+        import torch
+
+        from ...runtime.autoencode import decode_frames, encode_frames
+        from ..tracing.trace import trace_call
+        from .trace import meta_twin
+
         point, mode = self._point(direction, frames, height, width, mode)
         if self._trace_twin is None:
             vae = self._vae_ref() if self._vae_ref is not None else None
@@ -318,6 +389,9 @@ class VAEMemoryModel:
 
 def _check_for_vae(vae: Any, device_type: str, dtype: Any) -> list[str]:
     """Validate :meth:`VAEMemoryModel.for_vae` arguments; return the VAE's directions."""
+    import torch
+    from torch import nn
+
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"`device_type` must be 'cpu' or 'cuda' (got {device_type!r}); plan "
                          "other accelerators as 'cuda'.")
