@@ -99,6 +99,21 @@ class _FitProgress:
             self._bar = None
 
 
+class _Remembering:
+    """``model`` whose prediction ``methods`` remember their answers. A plan puts the same
+    questions (direction, frames, size, mode) to the AE models for every candidate setting, with
+    only the budget changing, so each is answered once per process."""
+
+    def __init__(self, model, methods: tuple[str, ...]) -> None:
+        self._model = model
+        for name in methods:
+            if callable(getattr(model, name, None)):
+                setattr(self, name, functools.lru_cache(maxsize=4096)(getattr(model, name)))
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
 _BUNDLES: dict = {}
 
 
@@ -116,6 +131,7 @@ class Estimators:
         self.stages = StageEstimator(spec, device_type=self.device_type, cache=self._cache,
                                      progress=self._progress)
         self._vae_memory, self._vae_time, self._notes = {}, {}, []
+        self._ae_choices: dict[tuple, StageWork] = {}
 
     @classmethod
     def for_spec(cls, spec, device: DeviceSpec) -> Estimators:
@@ -249,24 +265,34 @@ class Estimators:
             terms[direction] = (y1 / h1 - b * h1, b)
         return terms
 
+    @functools.lru_cache(maxsize=8)
+    def _ae_models(self, precision: str) -> dict:
+        """The AE memory and time models of ``precision``, remembering their predictions."""
+        return {"memory_model": _Remembering(self._vae(precision), ("predict", "flops")),
+                "time_model": _Remembering(self._time_model(precision), ("predict", "breakdown"))}
+
     def autoencode(self, direction, frames, height, width, precision, *, forced, budget_bytes,
                    resident_bytes) -> StageWork:
         """The AE planner's choice (or the forced mode's prediction) as a :class:`StageWork`."""
         from ..planner.autoencode import InfeasibleBudget, force_mode, plan_autoencoding
 
+        asked = (direction, frames, height, width, precision, forced, budget_bytes, resident_bytes)
+        if asked in self._ae_choices:  # a repeated plan asks again
+            return self._ae_choices[asked]
         vae_weights = self._vae(precision).weights_bytes
         # the AE memory model counts the VAE's own weights and input; the planner's resident
         # bytes include the VAE weights, so they are taken out here and added back below
         args = dict(budget_bytes=max(1, budget_bytes), resident_bytes=max(0, resident_bytes - vae_weights),
-                    memory_model=self._vae(precision), time_model=self._time_model(precision),
-                    downsample=self.spec.vae.downsample_factor)
+                    **self._ae_models(precision), downsample=self.spec.vae.downsample_factor)
         try:
             choice = (force_mode(direction, frames, height, width, forced, **args) if forced
                       else plan_autoencoding(direction, frames, height, width, **args))
         except InfeasibleBudget as exc:  # report the least-memory mode; the caller rejects the plan
             choice = force_mode(direction, frames, height, width, exc.mode, **args)
         act = choice.allocated_bytes - vae_weights  # input + activations + workspace
-        return StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
+        work = StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
+        self._ae_choices[asked] = work
+        return work
 
     def assumptions(self) -> list[str]:
         """What the plan assumed. A plan asks for them last, so this also ends the progress bar
