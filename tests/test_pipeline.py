@@ -193,21 +193,3 @@ def test_cli_demo_plans_and_writes_the_video(tmp_path):
                           str(tmp_path / "bad.mp4")], capture_output=True, text=True)
     assert bad.returncode == 2 and "`--height` 60 must be a positive multiple of 16" in bad.stderr
     assert not (tmp_path / "bad.mp4").exists()
-
-
-def test_decode_out_of_memory_falls_back_without_losing_the_latents(tiny_model, monkeypatch, caplog):
-    """A virtual memory cap: any decode call of more than one frame raises the real OOM error."""
-    ref = generate(tiny_model, GenerateOptions(**FAST), progress=False,
-                   settings={"ae_decode": "per-frame"}).video
-    vae = tiny_model.first_stage_model
-    real_decode = vae.decode
-
-    def capped(z):
-        if z.shape[0] > 1:
-            raise torch.OutOfMemoryError("virtual cap: more than one frame per call")
-        return real_decode(z)
-
-    monkeypatch.setattr(vae, "decode", capped)
-    out = generate(tiny_model, GenerateOptions(**FAST), progress=False, settings={"ae_decode": "batched"})
-    assert torch.allclose(out.video, ref, atol=1e-5)
-    assert "VAE decode in mode batched ran out of memory; retrying as per-frame" in caplog.text

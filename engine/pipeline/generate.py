@@ -12,17 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device.spec import parse_size
 from ..errors import InvalidArgument
 from ..plan.plan import Plan, Workload
 from ..plan.settings import CFGMode, Settings
+from ..runtime.budget import MemoryBudget
 from ..runtime.executor import StageRecord, attached
+from ..runtime.recovery import Adjustment, OutOfMemory
 from ..sampling.ddim import sample_ddim
 from ..sampling.guidance import CFGDenoiser
 from ..sampling.schedule import ddim_timesteps
 from .conditioning import (assemble_conditions, concat_latents, image_conditions, text_conditions,
                            unet_call)
 from .image_io import prepare_image
-from .latents import decode_with_fallback, encode_condition_latents, training_alphas_cumprod
+from .latents import decode_remaining, encode_condition_latents, flat_latents, training_alphas_cumprod
 from .options import GenerateOptions, library_name, resolve_options
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,12 @@ class GenerateResult:
 
     video: torch.Tensor  # [T, 3, H, W] in [-1, 1], on the CPU
     options: GenerateOptions
-    settings: Settings
+    settings: Settings  # as the run ended (after any adjustment)
     stages: tuple[StageRecord, ...] = ()
     plan: Plan | None = None
+    adjustments: tuple[Adjustment, ...] = ()  # every re-plan the run made, in order
+    unet_calls: int = 0
+    denoise_steps: int = 0  # steps run; equal to opts.steps when nothing was repeated
 
     @property
     def timings(self) -> dict[str, float]:
@@ -75,8 +81,13 @@ def _run_settings(model, opts, plan, settings, device) -> tuple[GenerateOptions,
 
 @torch.no_grad()
 def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings: Settings | None = None,
-             device=None, progress: bool = True) -> GenerateResult:
+             device=None, max_memory: int | str | MemoryBudget | None = None,
+             progress: bool = True) -> GenerateResult:
     """Run one image-to-video generation with ``model`` (a loaded LatentVisualDiffusion).
+
+    A stage that runs out of memory is re-planned one rung down its ladder
+    (:mod:`engine.runtime.recovery`) and continues where it stopped: denoising from the last
+    finished step with the same random state, decoding after the last finished chunk.
 
     Args:
         model: the container, e.g. from :func:`engine.pipeline.loading.load_model`.
@@ -86,6 +97,9 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         settings: without a plan, the settings to run with (a ``Settings``, or a mapping of setting
             names to values over ``Settings()``); autoencoding defaults to the config's ``perframe_ae``.
         device: where to compute; default the plan's device kind, else the CPU.
+        max_memory: a cap on the device memory the run may use (bytes or a size such as ``"6GiB"``),
+            enforced (CUDA: the allocator's per-process limit; CPU: live tensor bytes), or a
+            :class:`~engine.runtime.budget.MemoryBudget`.
         progress: show the DDIM progress bar.
 
     Example:
@@ -93,43 +107,92 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         >>> video = generate(model, GenerateOptions(image="cat.png", prompt="a cat"), plan).video
     """
     opts, chosen, device = _run_settings(model, opts, plan, settings, device)
-    with attached(model, chosen, device) as run:
-        video = _run_stages(model, opts, run, progress)
-    return GenerateResult(video=video, options=opts, settings=chosen, stages=tuple(run.records), plan=plan)
+    budget = max_memory if isinstance(max_memory, MemoryBudget) else MemoryBudget(
+        None if max_memory is None else parse_size(max_memory, "max_memory"), device)
+    counts = {"unet_calls": 0, "steps": 0}
+    with attached(model, chosen, device, frames=opts.frames, budget=budget) as run:
+        try:
+            video = _run_stages(model, opts, run, progress, counts)
+        except torch.OutOfMemoryError as err:  # outside any stage (inputs, noise): nothing to re-plan
+            raise OutOfMemory(f"`max_memory` left no room for the run's inputs ({err}); raise it or lower "
+                              "the resolution or frame count.") from err
+    return GenerateResult(video=video, options=opts, settings=run.settings, stages=tuple(run.records),
+                          plan=plan, adjustments=tuple(run.adjustments), unet_calls=counts["unet_calls"],
+                          denoise_steps=counts["steps"])
 
 
-def _run_stages(model, opts: GenerateOptions, run, progress: bool) -> torch.Tensor:
-    spec, device, s = model.spec, run.device, run.settings
+def _recovering(run, name: str, attempt):
+    """Run ``attempt()`` as stage ``name``; after an out-of-memory error re-plan and call it again
+    (each attempt resumes from what the previous ones finished)."""
+    while True:
+        try:
+            with run.stage(name):
+                return attempt()
+        except torch.OutOfMemoryError as err:
+            run.recover(name, run.budget.position[1], err)
+
+
+def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict) -> torch.Tensor:
+    spec, device = model.spec, run.device
     generator = torch.Generator("cpu").manual_seed(opts.seed)
     images = _images(opts, device, run.input_dtype)
     use_cfg, multi = opts.cfg != 1.0, opts.cfg != 1.0 and opts.cfg_img is not None
 
-    with run.stage("text_encode"):
-        text, empty = text_conditions(model, opts.prompt, images[0].shape[0], use_cfg, device)
-    with run.stage("image_encode"):
-        img, zero_img = image_conditions(model, images[0], use_cfg)
-    with run.stage("vae_encode"):
-        z = encode_condition_latents(model, _frames_to_encode(images, opts, s), s.ae_encode, generator)
-    c_concat = concat_latents(z[0:1], z[-1:] if opts.mode != "i2v" else None, opts.frames, opts.mode)
-    cond, uncond, uncond_image = assemble_conditions(text, empty, img, zero_img, c_concat, opts.fs,
-                                                     use_cfg, multi)
+    text, empty = _recovering(run, "text_encode", lambda: text_conditions(
+        model, opts.prompt, images[0].shape[0], use_cfg, device))
+    img, zero_img = _recovering(run, "image_encode", lambda: image_conditions(model, images[0], use_cfg))
+    before_encode = generator.get_state()
 
+    def encode():
+        generator.set_state(before_encode)  # a retried encode draws the same posterior noise
+        return encode_condition_latents(model, _frames_to_encode(images, opts, run.settings),
+                                        run.settings.ae_encode, generator)
+
+    z = _recovering(run, "vae_encode", encode)
+    c_concat = concat_latents(z[0:1], z[-1:] if opts.mode != "i2v" else None, opts.frames, opts.mode)
+    conds = assemble_conditions(text, empty, img, zero_img, c_concat, opts.fs, use_cfg, multi)
     f = spec.vae.downsample_factor
     noise = torch.randn((1, spec.channels, opts.frames, opts.height // f, opts.width // f),
                         generator=generator).to(device, run.input_dtype)
-    denoiser = CFGDenoiser(unet_call(model), cond, uncond if use_cfg else None, opts.cfg,
-                           guidance_rescale=opts.guidance_rescale, uncond_image=uncond_image,
-                           cfg_img=opts.cfg_img, batched=s.cfg is CFGMode.BATCHED)
-    with run.stage("denoise"):
-        latents = sample_ddim(denoiser, noise, ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
-                              disable=not progress, alphas_cumprod=training_alphas_cumprod(spec),
-                              parameterization=spec.parameterization, eta=opts.eta,
-                              scale_arr=getattr(model, "scale_arr", None), generator=generator)
-    with run.stage("vae_decode"):
-        video = decode_with_fallback(model, latents, s.ae_decode, device)
+    latents = _recovering(run, "denoise", _denoiser_attempt(model, opts, run, conds, noise, generator,
+                                                             progress, counts))
+    flat, done = flat_latents(model, latents), []
+    video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run.settings.ae_decode,
+                                                                   done, run.budget))
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()
+
+
+def _denoiser_attempt(model, opts, run, conds, noise, generator, progress: bool, counts: dict):
+    """A resumable DDIM run: each attempt starts after the last finished step, with its latents and
+    random state, and the current settings' CFG batching."""
+    spec, (cond, uncond, uncond_image) = model.spec, conds
+    saved = {"done": 0, "x": noise, "rng": generator.get_state()}
+    network = unet_call(model)
+
+    def counted(x, t, c):
+        counts["unet_calls"] += 1
+        return network(x, t, c)
+
+    def finished(info):
+        counts["steps"] += 1
+        saved.update(done=info["i"] + 1, x=info["x"], rng=generator.get_state())
+        run.budget.at("denoise", info["i"] + 1)
+
+    def attempt():
+        generator.set_state(saved["rng"])
+        run.budget.at("denoise", saved["done"])
+        denoiser = CFGDenoiser(counted, cond, uncond, opts.cfg, guidance_rescale=opts.guidance_rescale,
+                               uncond_image=uncond_image, cfg_img=opts.cfg_img,
+                               batched=run.settings.cfg is CFGMode.BATCHED)
+        return sample_ddim(denoiser, saved["x"], ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
+                           callback=finished, disable=not progress, alphas_cumprod=training_alphas_cumprod(spec),
+                           parameterization=spec.parameterization, eta=opts.eta,
+                           scale_arr=getattr(model, "scale_arr", None), generator=generator,
+                           start_index=saved["done"])
+
+    return attempt
 
 
 def _images(opts: GenerateOptions, device, dtype) -> list[torch.Tensor]:

@@ -1,16 +1,12 @@
 """The latent side of a run: encode the conditioning frame(s), decode the video, with fallbacks."""
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 from ..plan.aemode import AEMode
 from ..runtime.autoencode import decode_frames, encode_frames
 from ..sampling.schedule import make_betas
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -21,32 +17,26 @@ def encode_condition_latents(model, images: list[torch.Tensor], mode: AEMode, ge
     return z * model.spec.scale_factor
 
 
-@torch.no_grad()
-def decode_latents(model, z: torch.Tensor, mode: AEMode) -> torch.Tensor:
-    """[1, C, T, h, w] latents -> [T, 3, H, W] frames on the CPU."""
+def flat_latents(model, z: torch.Tensor) -> torch.Tensor:
+    """[1, C, T, h, w] sampler latents -> [T, C, h, w] VAE inputs (unscaled)."""
     b, c, t, h, w = z.shape
-    flat = (z / model.spec.scale_factor).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    return decode_frames(model.first_stage_model, flat, mode).cpu()
+    return (z / model.spec.scale_factor).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
 
 
-# Smaller and smaller decodes to fall back on when a decode still runs out of memory: the
-# denoised latents are never lost to a decode that did not fit.
-DECODE_FALLBACKS = ("per-frame", "per-frame+tile:256x256", "per-frame+tile:128x128")
+@torch.no_grad()
+def decode_remaining(model, flat: torch.Tensor, mode: AEMode, done: list[torch.Tensor], budget) -> torch.Tensor:
+    """Decode the frames not yet in ``done``, one group of ``mode.chunk`` frames at a time.
 
-
-def decode_with_fallback(model, z: torch.Tensor, mode: AEMode, device) -> torch.Tensor:
-    """Decode with the plan's mode; on out-of-memory retry with the fallbacks, smallest last."""
-    modes = [mode] + [AEMode.parse(m) for m in DECODE_FALLBACKS if AEMode.parse(m) != mode]
-    for i, current in enumerate(modes):
-        try:
-            return decode_latents(model, z, current)
-        except torch.OutOfMemoryError:
-            if i == len(modes) - 1:
-                raise
-            log.warning("VAE decode in mode %s ran out of memory; retrying as %s", current, modes[i + 1])
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-    raise AssertionError("unreachable")
+    Finished groups are appended to ``done`` (on the CPU) as they complete, so a decode that runs
+    out of memory resumes after the last finished group with a smaller mode; returns all frames.
+    """
+    start, total = sum(d.shape[0] for d in done), flat.shape[0]
+    while start < total:
+        group = mode.chunk or total - start
+        budget.at("vae_decode", len(done))
+        done.append(decode_frames(model.first_stage_model, flat[start:start + group], mode).cpu())
+        start += group
+    return torch.cat(done, dim=0)
 
 
 def training_alphas_cumprod(spec) -> np.ndarray:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,12 @@ import torch
 
 from ..plan.settings import Offload, Precision, Settings
 from ..plan.stages import COMPONENT_NAMES, stage as stage_of
+from ..device.spec import format_bytes
 from .attention import restore_attention_backend, set_attention_backend
+from .budget import MemoryBudget
 from .offload import apply_offload, remove_offload
 from .precision import apply_precision, precision_context, weight_dtype
+from .recovery import MAX_REPLANS, Adjustment, OutOfMemory, next_settings
 from .residency import Kept, TensorRecord, model_state, place
 
 log = logging.getLogger(__name__)
@@ -50,12 +54,16 @@ class StageRecord:
 
 @dataclass
 class Run:
-    """What the stages need while the policies are attached."""
+    """What the stages need while the policies are attached; re-applies settings after a re-plan."""
 
+    model: object
     settings: Settings
     device: torch.device
+    budget: MemoryBudget
+    frames: int = 1
     offload: object = None  # the OffloadHandle in model/block mode
     records: list[StageRecord] = field(default_factory=list)
+    adjustments: list[Adjustment] = field(default_factory=list)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -70,17 +78,17 @@ class Run:
             torch.cuda.empty_cache()  # give the previous stage's cached blocks back (lowers the peak)
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        components = stage_of(name).components
+        self.budget.at(name, reset_peak=True)
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             if self.offload is not None:
-                stack.enter_context(self.offload.onload(*components))
+                stack.enter_context(self.offload.onload(*stage_of(name).components))
             stack.enter_context(precision_context(self.settings.precision, self.device))
             resident = self._resident()
             yield self
         if cuda:
             torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else self.budget.stage_peak()
         self.records.append(StageRecord(name, resident, time.perf_counter() - start, peak))
 
     def _resident(self) -> tuple[str, ...]:
@@ -88,10 +96,49 @@ class Run:
             return COMPONENT_NAMES
         return tuple(n for n in COMPONENT_NAMES if self.offload.is_resident(n))
 
+    def recover(self, name: str, step: int | None, error: BaseException) -> Settings:
+        """After ``name`` ran out of memory: free what can be freed, move one rung down its
+        ladder, re-apply, and return the new settings; :class:`OutOfMemory` when none is left."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        need = self.budget.need_bytes
+        new = None if len(self.adjustments) >= MAX_REPLANS else next_settings(
+            name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames)
+        if new is None and not any(a.stage == name for a in self.adjustments):
+            new = self.settings  # nothing smaller: once, the same settings after freeing memory
+        if new is None:
+            tried = "; ".join(a.new.describe() for a in self.adjustments) or self.settings.describe()
+            raise OutOfMemory(f"`{name}` ran out of memory ({error}; it needed {format_bytes(need)}) after "
+                              f"{len(self.adjustments)} re-plan(s), settings tried: {tried}; raise `max_memory`, "
+                              "free device memory or lower the resolution or frame count.") from error
+        why = f"out of memory: {error}" + ("; retried after freeing memory" if new == self.settings else "")
+        adjustment = Adjustment(name, step, self.settings, new, why)
+        log.warning("%s ran out of memory%s; continuing with %s", name,
+                    "" if step is None else f" at step {step}",
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in adjustment.changes().items())
+                    or "the same settings after freeing memory")
+        self.adjustments.append(adjustment)
+        self._reapply(new)
+        return new
+
+    def _reapply(self, new: Settings) -> None:
+        old, self.settings = self.settings, new
+        unet = self.model.model.diffusion_model
+        if (old.backend("spatial"), old.backend("temporal")) != (new.backend("spatial"), new.backend("temporal")):
+            set_attention_backend(unet, None, spatial=new.backend("spatial"), temporal=new.backend("temporal"),
+                                  device=self.device)
+        if old.offload is not new.offload:
+            remove_offload(self.model)
+            self.offload = (apply_offload(self.model, new.offload, device=self.device)
+                            if new.offload is not Offload.NONE else None)
+
 
 @contextlib.contextmanager
-def attached(model, settings: Settings, device):
-    """Apply ``settings`` to ``model`` for one run; give the model back as it was afterwards."""
+def attached(model, settings: Settings, device, *, frames: int = 1, max_memory: int | None = None,
+             budget: MemoryBudget | None = None):
+    """Apply ``settings`` to ``model`` for one run, within ``max_memory`` bytes (or ``budget``);
+    give the model back as it was afterwards."""
     device = torch.device(device)
     state = model_state(model)
     with state.lock:
@@ -100,20 +147,39 @@ def attached(model, settings: Settings, device):
         unet = model.model.diffusion_model
         previous = set_attention_backend(unet, None, spatial=settings.backend("spatial"),
                                          temporal=settings.backend("temporal"), device=device)
-        handle = None
+        run = None
         try:
             if settings.autocast_weight_cache and settings.precision is Precision.FP32_AUTOCAST:
                 for name in _GRAD_COMPONENTS:
                     model.component(name).requires_grad_(True)
-            if settings.offload is not Offload.NONE:
-                handle = apply_offload(model, settings.offload, device=device)
-            yield Run(settings, device, handle)
+            handle = (apply_offload(model, settings.offload, device=device)
+                      if settings.offload is not Offload.NONE else None)
+            budget = budget or MemoryBudget(max_memory, device)
+            budget.baseline_bytes = budget.baseline_bytes or _held_bytes(model, device)
+            if budget.max_bytes is not None and budget.max_bytes <= budget.baseline_bytes:
+                raise OutOfMemory(f"`max_memory` {format_bytes(budget.max_bytes)} is below the "
+                                  f"{format_bytes(budget.baseline_bytes)} the model's weights already take "
+                                  f"on {device}; raise it or plan a lower precision.")
+            run = Run(model, settings, device, budget, frames, handle)
+            with budget:
+                yield run
         finally:
             remove_offload(model)
             restore_attention_backend(unet, previous)
             for p, requires_grad in grads:
                 p.requires_grad_(requires_grad)
-            _finish_weights(settings, device, state, record)
+            _finish_weights(run.settings if run else settings, device, state, record)
+
+
+def _held_bytes(model, device: torch.device) -> int:
+    """Bytes of the model's tensors on ``device`` when the run starts (the CPU budget's baseline)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if t.device == device and key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _prepare_weights(model, settings: Settings, device: torch.device, state) -> TensorRecord | None:
