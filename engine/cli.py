@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if exc.args else str(exc)
         print(f"engine {args.verb}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any work worth saving (a run saves its own progress)
+        print(f"engine {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

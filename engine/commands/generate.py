@@ -1,4 +1,4 @@
-"""``engine generate``: one image (or two) -> an mp4. With no arguments: the built-in demo."""
+"""``engine generate``: one image (or two) -> a video. With no arguments: the built-in demo."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image2", help="last frame for --mode interp (and loop)")
     p.add_argument("--mode", default="i2v", choices=["i2v", "interp", "loop"])
     p.add_argument("--prompt", help="text prompt")
-    p.add_argument("--out", default=DEMO_OUT, help="output mp4 path")
+    p.add_argument("--out", default=DEMO_OUT, help="output video: .mp4, .webm or .gif")
     p.add_argument("--png-dir", help="also write the frames as PNG files into this folder")
     for name in ("height", "width", "frames", "fs", "seed"):
         p.add_argument(f"--{name}", type=int)
@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--force", help="pin plan settings: key=value,... or `reference` (see `engine plan`)")
     p.add_argument("--reserve", help="device memory to keep free (default max(1 GiB, 10%%))")
+    p.add_argument("--max-memory", help="cap on the device memory the run may use, e.g. 6GiB (enforced; "
+                   "on the CPU: host RAM)")
+    p.add_argument("--save-latents", help="also save the denoised latents and sampler state to this file")
+    p.add_argument("--resume", help="finish a run saved by an interrupted run or --save-latents")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -55,40 +59,75 @@ def _force(args) -> str | None:
     return ",".join(force) or None
 
 
-def plan_for(args, spec, opts):
-    """Plan the run for the device it will use."""
-    from ..device import host_memory, probe_cpu, probe_device
-    from ..device.spec import parse_size
-    from ..planner.search import make_plan
+def _device_for(args, max_memory: int | None):
+    """The probed device, capped at ``--max-memory`` when given."""
+    from dataclasses import replace
+
+    from ..device import probe_cpu, probe_device
 
     index = int(args.device.split(":")[1]) if args.device.startswith("cuda:") else 0
     device = probe_device(index) if args.device.startswith("cuda") else probe_cpu()
     if args.device.startswith("cuda") and device.kind != "cuda":
         raise ValueError(f"`--device` {args.device!r} is not available here (no CUDA device found); "
                          "use --device cpu.")
-    return make_plan(spec, opts.height, opts.width, opts.frames, device, force=_force(args),
-                     reserve_bytes=parse_size(args.reserve, "--reserve") if args.reserve else None,
-                     steps=opts.steps, guidance=opts.cfg != 1.0, mode=opts.mode,
-                     host_bytes=host_memory()["available_bytes"])
+    if max_memory is None:
+        return device
+    free = max_memory if device.free_bytes is None else min(device.free_bytes, max_memory)
+    return replace(device, total_bytes=min(device.total_bytes, max_memory), free_bytes=free)
+
+
+def plan_for(args, spec, opts, max_memory: int | None = None):
+    """Plan the run for the device it will use (within ``--max-memory``: the cap is the budget)."""
+    from ..device import host_memory
+    from ..device.spec import parse_size
+    from ..planner.search import make_plan
+
+    reserve = parse_size(args.reserve, "--reserve") if args.reserve else (0 if max_memory else None)
+    return make_plan(spec, opts.height, opts.width, opts.frames, _device_for(args, max_memory),
+                     force=_force(args), reserve_bytes=reserve, steps=opts.steps, guidance=opts.cfg != 1.0,
+                     mode=opts.mode, host_bytes=host_memory()["available_bytes"])
+
+
+def _check_outputs(args) -> None:
+    """Every output place is checked before planning and loading: a typo costs seconds."""
+    from ..pipeline.video_io import check_output_path, check_writable_folder
+
+    check_output_path(args.out, "--out")
+    if args.png_dir:
+        check_writable_folder(args.png_dir, "--png-dir")
+    if args.save_latents:
+        check_writable_folder(Path(args.save_latents).expanduser().parent, "--save-latents")
+
+
+def _inputs(args, spec):
+    """(options, saved run or None), validated, images read once to catch a bad file early."""
+    from ..pipeline.image_io import prepare_image
+    from ..pipeline.options import GenerateOptions, cli_name, resolve_options
+    from ..pipeline.resume import RunState
+
+    state = RunState.load(args.resume, "--resume") if args.resume else None
+    is_demo = args.ckpt is None and args.image is None
+    raw = GenerateOptions(**state.options) if state else _options(args, is_demo)
+    opts = resolve_options(raw, spec, name=cli_name)
+    for image, flag in ((opts.image, "--image"), (opts.image2, "--image2")):
+        if image is not None:
+            prepare_image(image, opts.height, opts.width, flag)
+    return opts, state
 
 
 def run(args) -> int:
-    from ..config import load_spec
-    from ..device.spec import format_bytes
-    from ..errors import DoesNotFit
-    from ..pipeline.generate import generate
-    from ..pipeline.image_io import prepare_image
-    from ..pipeline.loading import load_model
-    from ..pipeline.options import cli_name, resolve_options
-    from ..pipeline.video_io import to_uint8_frames, write_mp4, write_png_frames
+    import signal
 
-    is_demo = args.ckpt is None and args.image is None
+    from ..config import load_spec
+    from ..device.spec import format_bytes, parse_size
+    from ..errors import DoesNotFit
+    from ..pipeline.loading import load_model
+
+    _check_outputs(args)
+    max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
     spec = load_spec(args.config)
-    opts = resolve_options(_options(args, is_demo), spec, name=cli_name)
-    for image, flag in ((opts.image, "--image"), (opts.image2, "--image2")):
-        if image is not None:  # a typo costs seconds, not a plan and a model load
-            prepare_image(image, opts.height, opts.width, flag)
-    plan = plan_for(args, spec, opts)  # before loading: a run that cannot fit fails in seconds
+    opts, state = _inputs(args, spec)
+    plan = plan_for(args, spec, opts, max_memory)  # before loading: a run that cannot fit fails in seconds
     if not plan.fits:
         raise DoesNotFit(f"`--force` {args.force or ''} is predicted to need {format_bytes(plan.peak_bytes)} "
                          f"of the {format_bytes(plan.budget_bytes)} budget; drop the forced settings "
@@ -98,9 +137,37 @@ def run(args) -> int:
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
     # casting on the device first would hold the fp32 copy there
     model = load_model(spec.source, args.ckpt, device="cpu")
-    result = generate(model, opts, plan, device=args.device, progress=not args.quiet)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM saves the run like Ctrl-C
+    try:
+        return _generate_and_write(args, model, opts, plan, state, max_memory)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _generate_and_write(args, model, opts, plan, state, max_memory) -> int:
+    import sys
+
+    from ..pipeline.generate import generate
+    from ..pipeline.resume import Interrupted
+    from ..pipeline.video_io import to_uint8_frames, write_png_frames, write_video
+
+    try:
+        result = generate(model, opts, plan, device=args.device, progress=not args.quiet,
+                          max_memory=max_memory, resume=state)
+    except Interrupted as stop:
+        saved = stop.state.save(Path(args.out).expanduser().with_suffix(".resume.pt"))
+        print(f"engine generate: {stop}; continue with: engine generate --config {args.config} "
+              f"{'--ckpt ' + args.ckpt + ' ' if args.ckpt else ''}--resume {saved} --out {args.out}",
+              file=sys.stderr)
+        return 130 if isinstance(stop.cause, KeyboardInterrupt) else 2
+    if args.save_latents:
+        print(f"saved latents to {result.state.save(Path(args.save_latents).expanduser())}")
     frames = to_uint8_frames(result.video)
-    out = write_mp4(frames, Path(args.out), fps=opts.fps)
+    out = write_video(frames, Path(args.out).expanduser(), fps=opts.fps)
     if args.png_dir:
         write_png_frames(frames, args.png_dir)
     total = sum(result.timings.values())

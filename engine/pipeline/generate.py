@@ -27,6 +27,7 @@ from .conditioning import (assemble_conditions, concat_latents, image_conditions
 from .image_io import prepare_image
 from .latents import decode_remaining, encode_condition_latents, flat_latents, training_alphas_cumprod
 from .options import GenerateOptions, library_name, resolve_options
+from .resume import Interrupted, RunState
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,16 @@ class GenerateResult:
     """A finished run: the frames, what was asked, the settings it ran with and each stage as
     executed (``stages`` has the names and order of ``plan.stages``)."""
 
-    video: torch.Tensor  # [T, 3, H, W] in [-1, 1], on the CPU
+    video: torch.Tensor | None  # [T, 3, H, W] in [-1, 1], on the CPU; None if stopped
     options: GenerateOptions
     settings: Settings  # as the run ended (after any adjustment)
     stages: tuple[StageRecord, ...] = ()
     plan: Plan | None = None
     adjustments: tuple[Adjustment, ...] = ()  # every re-plan the run made, in order
     unet_calls: int = 0
-    denoise_steps: int = 0  # steps run; equal to opts.steps when nothing was repeated
+    denoise_steps: int = 0  # steps run in this call; opts.steps when nothing was repeated or resumed
+    state: RunState | None = None  # the sampler's progress: the denoised latents once finished
+    stopped: bool = False  # the step callback asked to stop (``video`` is None; resume from ``state``)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -82,6 +85,7 @@ def _run_settings(model, opts, plan, settings, device) -> tuple[GenerateOptions,
 @torch.no_grad()
 def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings: Settings | None = None,
              device=None, max_memory: int | str | MemoryBudget | None = None,
+             callback_on_step_end=None, resume: RunState | None = None,
              progress: bool = True) -> GenerateResult:
     """Run one image-to-video generation with ``model`` (a loaded LatentVisualDiffusion).
 
@@ -100,25 +104,82 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         max_memory: a cap on the device memory the run may use (bytes or a size such as ``"6GiB"``),
             enforced (CUDA: the allocator's per-process limit; CPU: live tensor bytes), or a
             :class:`~engine.runtime.budget.MemoryBudget`.
+        callback_on_step_end: called after every denoising step as ``fn(step, timestep, latents)``;
+            returning True stops the run promptly: the result then has ``stopped=True``,
+            ``video=None`` and ``state`` (a :class:`~engine.pipeline.resume.RunState` to resume from).
+        resume: a saved :class:`RunState` to finish (its options and settings are used; the
+            model must have the config it was made with).
         progress: show the DDIM progress bar.
+
+    Raises:
+        Interrupted: Ctrl-C, SIGTERM or an out-of-memory error after every re-plan stopped the
+            run; ``.state`` holds the finished steps (save it and pass it as ``resume``).
 
     Example:
         >>> plan = make_plan(spec, 320, 512, 16, catalog_device("rtx-4060-laptop"))
         >>> video = generate(model, GenerateOptions(image="cat.png", prompt="a cat"), plan).video
     """
+    if resume is not None:  # its options; its last settings unless a plan or settings are given
+        opts = _resumed(model, resume)
+        settings = resume.settings if plan is None and settings is None else settings
     opts, chosen, device = _run_settings(model, opts, plan, settings, device)
     budget = max_memory if isinstance(max_memory, MemoryBudget) else MemoryBudget(
         None if max_memory is None else parse_size(max_memory, "max_memory"), device)
     counts = {"unet_calls": 0, "steps": 0}
+    progress_ = _Progress(opts, model.spec, resume, callback_on_step_end)
     with attached(model, chosen, device, frames=opts.frames, budget=budget) as run:
         try:
-            video = _run_stages(model, opts, run, progress, counts)
+            video = _run_stages(model, opts, run, progress, counts, progress_)
+        except _StopRequested:
+            video = None
+        except (KeyboardInterrupt, OutOfMemory) as err:
+            raise progress_.interrupted(run, err) from err
         except torch.OutOfMemoryError as err:  # outside any stage (inputs, noise): nothing to re-plan
             raise OutOfMemory(f"`max_memory` left no room for the run's inputs ({err}); raise it or lower "
                               "the resolution or frame count.") from err
     return GenerateResult(video=video, options=opts, settings=run.settings, stages=tuple(run.records),
                           plan=plan, adjustments=tuple(run.adjustments), unet_calls=counts["unet_calls"],
-                          denoise_steps=counts["steps"])
+                          denoise_steps=counts["steps"], state=progress_.state(run), stopped=video is None)
+
+
+class _StopRequested(Exception):
+    """The step callback asked to stop (internal: becomes ``GenerateResult.stopped``)."""
+
+
+class _Progress:
+    """The sampler's progress: steps done, the latents after them, the generator state."""
+
+    def __init__(self, opts, spec, resume: RunState | None, callback):
+        self.opts, self.spec, self.callback = opts, spec, callback
+        self.done = resume.steps_done if resume else 0
+        self.x = resume.latents if resume else None
+        self.rng = resume.rng_state if resume else None
+
+    def state(self, run) -> RunState:
+        from dataclasses import asdict
+
+        from ..plan.plan import spec_digest
+
+        return RunState(self.spec.name, spec_digest(self.spec), asdict(self.opts), run.settings.to_dict(),
+                        self.done, self.x if self.x is not None else torch.zeros(0),
+                        self.rng if self.rng is not None else torch.zeros(0, dtype=torch.uint8))
+
+    def interrupted(self, run, err: BaseException) -> Interrupted:
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err).rstrip(".")
+        return Interrupted(f"the run stopped after {self.done} of {self.opts.steps} denoising steps ({why}); "
+                           "save `.state` and pass it as `resume` to finish it.", self.state(run), err)
+
+
+def _resumed(model, state: RunState) -> GenerateOptions:
+    from ..plan.plan import spec_digest
+
+    if (state.config, state.config_digest) != (model.spec.name, spec_digest(model.spec)):
+        raise InvalidArgument(f"`resume` was saved from config {state.config!r}, not this model's "
+                              f"{model.spec.name!r}; load the model with the config the run started with.")
+    if state.latents.numel() == 0:
+        raise InvalidArgument("`resume` holds no latents (the run stopped before denoising began); start "
+                              "the run again instead.")
+    return GenerateOptions(**state.options)
 
 
 def _recovering(run, name: str, attempt):
@@ -132,7 +193,7 @@ def _recovering(run, name: str, attempt):
             run.recover(name, run.budget.position[1], err)
 
 
-def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict) -> torch.Tensor:
+def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict, saved) -> torch.Tensor:
     spec, device = model.spec, run.device
     generator = torch.Generator("cpu").manual_seed(opts.seed)
     images = _images(opts, device, run.input_dtype)
@@ -154,7 +215,10 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict)
     f = spec.vae.downsample_factor
     noise = torch.randn((1, spec.channels, opts.frames, opts.height // f, opts.width // f),
                         generator=generator).to(device, run.input_dtype)
-    latents = _recovering(run, "denoise", _denoiser_attempt(model, opts, run, conds, noise, generator,
+    if saved.x is None:  # a fresh run (a resumed one brings its latents and random state)
+        saved.x, saved.rng = noise, generator.get_state()
+    saved.x = saved.x.to(device, run.input_dtype)
+    latents = _recovering(run, "denoise", _denoiser_attempt(model, opts, run, conds, saved, generator,
                                                              progress, counts))
     flat, done = flat_latents(model, latents), []
     video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run.settings.ae_decode,
@@ -164,11 +228,10 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict)
     return video.float()
 
 
-def _denoiser_attempt(model, opts, run, conds, noise, generator, progress: bool, counts: dict):
+def _denoiser_attempt(model, opts, run, conds, saved: _Progress, generator, progress: bool, counts: dict):
     """A resumable DDIM run: each attempt starts after the last finished step, with its latents and
     random state, and the current settings' CFG batching."""
     spec, (cond, uncond, uncond_image) = model.spec, conds
-    saved = {"done": 0, "x": noise, "rng": generator.get_state()}
     network = unet_call(model)
 
     def counted(x, t, c):
@@ -177,20 +240,22 @@ def _denoiser_attempt(model, opts, run, conds, noise, generator, progress: bool,
 
     def finished(info):
         counts["steps"] += 1
-        saved.update(done=info["i"] + 1, x=info["x"], rng=generator.get_state())
-        run.budget.at("denoise", info["i"] + 1)
+        saved.done, saved.x, saved.rng = info["i"] + 1, info["x"], generator.get_state()
+        run.budget.at("denoise", saved.done)
+        if saved.callback is not None and saved.callback(info["i"], info["t"], info["x"]):
+            raise _StopRequested
 
     def attempt():
-        generator.set_state(saved["rng"])
-        run.budget.at("denoise", saved["done"])
+        generator.set_state(saved.rng)
+        run.budget.at("denoise", saved.done)
         denoiser = CFGDenoiser(counted, cond, uncond, opts.cfg, guidance_rescale=opts.guidance_rescale,
                                uncond_image=uncond_image, cfg_img=opts.cfg_img,
                                batched=run.settings.cfg is CFGMode.BATCHED)
-        return sample_ddim(denoiser, saved["x"], ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
+        return sample_ddim(denoiser, saved.x, ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
                            callback=finished, disable=not progress, alphas_cumprod=training_alphas_cumprod(spec),
                            parameterization=spec.parameterization, eta=opts.eta,
                            scale_arr=getattr(model, "scale_arr", None), generator=generator,
-                           start_index=saved["done"])
+                           start_index=saved.done)
 
     return attempt
 

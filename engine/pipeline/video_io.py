@@ -1,4 +1,4 @@
-"""Writing videos (H.264 mp4 through PyAV) and frames, atomically: no half-written outputs."""
+"""Writing videos (mp4, webm, gif through PyAV) and frames, atomically: no half-written outputs."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import InvalidArgument
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -25,19 +27,61 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, crf: int = 10) -> Path:
-    """Encode uint8 [T, H, W, 3] frames as H.264 (yuv420p). Written to a temporary file in the same
-    folder and renamed, so an interrupted run never leaves a broken video behind."""
+# extension -> (container format, codec, pixel format, codec options)
+CONTAINERS = {
+    ".mp4": ("mp4", "libx264", "yuv420p", {"crf": "10"}),        # DynamiCrafter's own: H.264, crf 10
+    ".webm": ("webm", "libvpx-vp9", "yuv420p", {"crf": "12", "b": "0"}),
+    ".gif": ("gif", None, None, {}),  # written by PIL: an adaptive palette per frame (FFmpeg's rgb8 bands)
+}
+
+
+def check_output_path(path: str | os.PathLike, argument: str = "--out") -> Path:
+    """Check an output video path before any work: a supported extension, not a directory, and a
+    folder that exists (created if missing) and is writable. Returns the path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InvalidArgument(f"`{argument}` {str(path)!r} is a directory; pass a file name in it such as "
+                              f"{str(path / 'video.mp4')!r}.")
+    if path.suffix.lower() not in CONTAINERS:
+        raise InvalidArgument(f"`{argument}` {str(path)!r} has no supported video extension; end it in "
+                              f"{', '.join(CONTAINERS)} (or write frames with --png-dir).")
+    check_writable_folder(path.parent, argument)
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, argument: str) -> Path:
+    """Create ``folder`` if missing and prove it writable with a probe file."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidArgument(f"`{argument}` cannot be written in {str(folder)!r} ({exc.strerror or exc}); "
+                              "pass a path in a folder you can write to.") from None
+    return folder
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
+    """Encode uint8 [T, H, W, 3] frames in the container the extension names (see ``CONTAINERS``).
+    Written to a temporary file in the same folder and renamed, so an interrupted run never leaves a
+    broken video behind."""
     import av
 
     path = Path(path)
+    fmt, codec, pix_fmt, options = CONTAINERS[path.suffix.lower()]
     tmp = _atomic_target(path)
     try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=int(fps))
+        if codec is None:
+            _write_gif(frames, tmp, fps)
+            os.replace(tmp, path)
+            return path
+        with av.open(str(tmp), mode="w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=int(fps))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
+            stream.pix_fmt = pix_fmt
+            stream.options = dict(options)
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
@@ -45,6 +89,17 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, crf: in
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=round(1000 / fps), disposal=1)
+
+
+write_mp4 = write_video  # the older name; the extension picks the container
 
 
 def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> list[Path]:
