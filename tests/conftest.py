@@ -5,6 +5,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_calibration(tmp_path_factory):
+    """Runs calibrate the next plans on their device: keep the tests' runs out of the user's store
+    (and the tests independent of it)."""
+    import os
+
+    os.environ["ENGINE_CALIBRATION_DIR"] = str(tmp_path_factory.mktemp("calibration"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from engine.pipeline.loading import load_model

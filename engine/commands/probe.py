@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--calibrate", metavar="CONFIG",
                    help="also time this config's VAE on the device (~20 s, cached) for the planner")
+    p.add_argument("--reset-calibration", action="store_true",
+                   help="drop the corrections earlier runs on this device recorded for the planner")
 
 
 def calibrate_vae(config: str, spec_device) -> float:
@@ -36,6 +38,11 @@ def run(args) -> int:
     info = {"device": spec.as_dict(), "host": host_memory()}
     if args.calibrate:
         info["vae_calibration_s"] = calibrate_vae(args.calibrate, spec)
+    if args.reset_calibration:
+        from ..planner.calibration import reset_all
+
+        info["calibration_reset_files"] = reset_all(spec)
+    info["calibration"] = _calibration(spec)
     if spec.kind == "cpu":
         info["note"] = "no NVIDIA driver or CUDA device found; plans are made for the CPU"
     if args.json:
@@ -60,4 +67,19 @@ def run(args) -> int:
               "cached for the planner)")
     print(f"host RAM  {format_bytes(info['host']['total_bytes'])} total, "
           f"{format_bytes(info['host']['available_bytes'])} available")
+    if "calibration_reset_files" in info:
+        print(f"calibration reset ({info['calibration_reset_files']} file(s) removed)")
+    for model, stages in info["calibration"].items():
+        factors = ", ".join(f"{k} time x{c['time']:.2f} memory x{c['memory']:.2f} ({c['runs']} runs)"
+                            for k, c in stages.items())
+        print(f"calibrated model {model}: {factors}")
     return 0
+
+
+def _calibration(device) -> dict:
+    """Stored run corrections for this device, by model spec digest."""
+    from ..planner.calibration import CalibrationStore, calibration_dir, device_key
+
+    folder = calibration_dir() / device_key(device)
+    return {f.stem: {k: vars(c) for k, c in CalibrationStore(device, f.stem).stages.items()}
+            for f in sorted(folder.glob("*.json"))}

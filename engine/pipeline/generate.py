@@ -16,6 +16,7 @@ from ..device.spec import parse_size
 from ..errors import InvalidArgument
 from ..plan.plan import Plan, Workload
 from ..plan.settings import CFGMode, Settings
+from ..planner.calibration import CalibrationStore
 from ..runtime.budget import MemoryBudget
 from ..runtime.executor import StageRecord, attached
 from ..runtime.recovery import Adjustment, OutOfMemory
@@ -137,9 +138,17 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         except torch.OutOfMemoryError as err:  # outside any stage (inputs, noise): nothing to re-plan
             raise OutOfMemory(f"`max_memory` left no room for the run's inputs ({err}); raise it or lower "
                               "the resolution or frame count.") from err
+    _calibrate(plan, opts, run)
     return GenerateResult(video=video, options=opts, settings=run.settings, stages=tuple(run.records),
                           plan=plan, adjustments=tuple(run.adjustments), unet_calls=counts["unet_calls"],
                           denoise_steps=counts["steps"], state=progress_.state(run), stopped=video is None)
+
+
+def _calibrate(plan, opts, run) -> None:
+    """A run that followed its plan on a probed device calibrates the next plans there."""
+    if plan is None or plan.device.source != "probe" or run.adjustments or opts.steps != plan.workload.steps:
+        return
+    CalibrationStore(plan.device, plan.workload.config_digest).record(plan, run.records)
 
 
 class _StopRequested(Exception):
@@ -264,7 +273,7 @@ def _images(opts: GenerateOptions, device, dtype) -> list[torch.Tensor]:
     first = prepare_image(opts.image, opts.height, opts.width, library_name("image")).to(device, dtype)
     if opts.mode == "i2v":
         return [first]
-    second = opts.image2 or opts.image
+    second = opts.image if opts.image2 is None else opts.image2  # arrays have no truth value
     return [first, prepare_image(second, opts.height, opts.width, library_name("image2")).to(device, dtype)]
 
 

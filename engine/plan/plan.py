@@ -83,10 +83,17 @@ class StagePlan:
     time_s: float
     terms: Mapping[str, int] = field(default_factory=dict)  # named parts of peak_bytes
     note: str = ""
+    calibration: float = 1.0  # measured/predicted time factor applied from earlier runs (1: none)
+
+    @property
+    def time_is(self) -> str:
+        """``calibrated`` once runs on this device corrected it; else a roofline ``lower_bound``."""
+        return "calibrated" if self.calibration != 1.0 else "lower_bound"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": int(self.peak_bytes),
                 "allocated_bytes": int(self.allocated_bytes), "time_s": float(self.time_s),
+                "time_is": self.time_is, "calibration": float(self.calibration),
                 "terms": {k: int(v) for k, v in self.terms.items()}, "note": self.note}
 
 
@@ -142,6 +149,10 @@ class Plan:
         return sum(s.time_s for s in self.stages)
 
     @property
+    def _calibrated(self) -> bool:
+        return all(s.time_is == "calibrated" for s in self.stages)
+
+    @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.budget_bytes
 
@@ -182,7 +193,8 @@ class Plan:
         return cls(workload=Workload(**data["workload"]), device=DeviceSpec(**device),
                    budget_bytes=budget, reserve_bytes=reserve,
                    settings=Settings.from_mapping(data["settings"], argument="plan.settings"),
-                   stages=tuple(StagePlan(**s) for s in data["stages"]), forced=tuple(data["forced"]),
+                   stages=tuple(StagePlan(**{k: v for k, v in s.items() if k != "time_is"})
+                                for s in data["stages"]), forced=tuple(data["forced"]),
                    rejected=tuple(Rejected(Settings.from_mapping(r["settings"]), r["reason"])
                                   for r in data["rejected"]),
                    planning_ms=data["planning_ms"], assumptions=tuple(data["assumptions"]))
@@ -205,9 +217,10 @@ class Plan:
                  "  settings: " + self.settings.describe()
                  + (f"  (forced: {', '.join(self.forced)})" if self.forced else ""),
                  f"  {'stage':<14}{'peak':>12}{'allocated':>12}{'time':>10}"]
-        for s in self.stages:
+        for s in self.stages:  # ">=": an uncalibrated roofline time is a lower bound
+            bound = ">=" if s.time_is == "lower_bound" else "  "
             lines.append(f"  {s.name:<14}{format_bytes(s.peak_bytes):>12}{format_bytes(s.allocated_bytes):>12}"
-                         f"{s.time_s:>9.2f}s" + (f"  {s.note}" if s.note else ""))
+                         f"{bound}{s.time_s:>8.2f}s" + (f"  {s.note}" if s.note else ""))
         for s in self.stages:
             if s.peak_bytes > self.budget_bytes:
                 parts = " + ".join(f"{k} {format_bytes(v)}" for k, v in s.terms.items() if v)
@@ -215,7 +228,8 @@ class Plan:
                              f"> budget {format_bytes(self.budget_bytes)}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  peak {format_bytes(self.peak_bytes)} vs budget {format_bytes(self.budget_bytes)}: "
-                     f"{verdict}; predicted time {self.time_s:.1f} s; planned in {self.planning_ms:.0f} ms")
+                     f"{verdict}; predicted time {'' if self._calibrated else '>= '}{self.time_s:.1f} s; "
+                     f"planned in {self.planning_ms:.0f} ms")
         lines += [f"  rejected {r.settings.describe()}: {r.reason}" for r in self.rejected[:8]]
         lines += [f"  assumption: {a}" for a in self.assumptions]
         return "\n".join(lines)

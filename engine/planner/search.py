@@ -17,6 +17,7 @@ from ..plan.plan import Plan, Rejected, StagePlan, Workload
 from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, parse_force,
                              reference_settings)
 from ..plan.stages import STAGE_NAMES
+from .calibration import CalibrationStore, corrected
 from .costs import DeviceTerms, reserved_after, resident_bytes, roofline_seconds, transfer_bytes
 
 
@@ -61,7 +62,8 @@ def _flops_rate(device: DeviceSpec, precision: Precision) -> float | None:
 
 def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *, force: str | None = None,
               reserve_bytes: int | None = None, steps: int = 50, guidance: bool = True,
-              mode: str = "i2v", host_bytes: int | None = None, estimators=None) -> Plan:
+              mode: str = "i2v", host_bytes: int | None = None, estimators=None,
+              calibrate: bool = True) -> Plan:
     """Choose the fastest predicted settings whose every stage fits ``device`` minus the reserve.
 
     Args:
@@ -75,6 +77,8 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
         steps, guidance, mode: the sampling run (``mode``: ``i2v``, ``interp`` or ``loop``).
         host_bytes: host RAM available for offloaded weights (None: not checked).
         estimators: an ``engine.planner.estimators.Estimators`` (built and cached if None).
+        calibrate: on a probed device, correct the predictions by what earlier runs measured
+            there (:mod:`engine.planner.calibration`).
     """
     from .estimators import Estimators
 
@@ -89,9 +93,10 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
         raise DoesNotFit(f"`reserve_bytes` {format_bytes(reserve)} leaves no memory on the "
                          f"{format_bytes(device.total_bytes)} of {device.name}; lower the reserve.")
     est = estimators or Estimators.for_spec(spec, device)
+    store = CalibrationStore(device, work.config_digest) if calibrate and device.source == "probe" else None
     fitting, rejected = [], []
     for cand in candidate_settings(device, forced, spec.perframe_ae):
-        chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes)
+        chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes, store)
         (rejected if reason else fitting).append((chosen, stages, reason))
     if fitting:
         best, stages, _ = _fastest(fitting)
@@ -107,7 +112,18 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     return Plan(workload=work, device=device, budget_bytes=budget, reserve_bytes=reserve, settings=best,
                 stages=tuple(stages), forced=forced.items,
                 rejected=tuple(Rejected(c, r) for c, _, r in rejected[:30] if c is not best),
-                planning_ms=(time.perf_counter() - t0) * 1e3, assumptions=tuple(est.assumptions()))
+                planning_ms=(time.perf_counter() - t0) * 1e3,
+                assumptions=tuple(est.assumptions()) + _calibration_notes(store))
+
+
+def _calibration_notes(store) -> tuple[str, ...]:
+    if store is None or not store.stages:
+        return ("stage times are roofline lower bounds (marked >=) until a run on this device "
+                "calibrates them",)
+    runs = max(c.runs for c in store.stages.values())
+    factors = ", ".join(f"{k} x{c.time:.2f}" for k, c in store.stages.items())
+    return (f"stage times corrected by {runs} calibrating run(s) on this device: {factors} "
+            "(`engine probe --reset-calibration` drops them)",)
 
 
 TIE_TOLERANCE = 0.01  # predicted times this close are within the time model's own error
@@ -147,7 +163,7 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
     return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
 
 
-def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes):
+def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes, store=None):
     """Predict every stage of candidate ``s``; returns (settings with AE modes, stages, reason or None)."""
     weights = est.weights(s.precision.value)
     terms: DeviceTerms = est.device_terms()
@@ -178,12 +194,13 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         if mode is not None:
             modes["ae_encode" if name == "vae_encode" else "ae_decode"] = mode
         note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
-        stages.append(StagePlan(name, peak, allocated, t, {
+        stage = corrected(StagePlan(name, peak, allocated, t, {
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
             "carried": carried, "activations": act, "cached_blocks": reserved - allocated - alloc_extra,
-            "allocator": alloc_extra}, note))
-        if reason is None and peak > budget:
-            reason = f"{name} needs {format_bytes(peak)} > budget {format_bytes(budget)}"
+            "allocator": alloc_extra}, note), store.correction(name) if store else None)
+        stages.append(stage)
+        if reason is None and stage.peak_bytes > budget:
+            reason = f"{name} needs {format_bytes(stage.peak_bytes)} > budget {format_bytes(budget)}"
         prev_reserved, prev_live = reserved, resident
     if reason is None and s.offload is not Offload.NONE and host_bytes is not None and sum(weights.values()) > host_bytes:
         reason = f"offload needs {format_bytes(sum(weights.values()))} of host RAM > {format_bytes(host_bytes)} free"
