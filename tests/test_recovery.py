@@ -108,3 +108,23 @@ def test_faults_and_caps_never_end_outside_documented_errors(tiny_model, size, f
         return
     assert out.video.shape[0] == frames and len(out.adjustments) <= MAX_REPLANS
     assert out.denoise_steps == 2
+
+
+def test_memory_taken_since_planning_is_met_before_the_stage_fails(tiny_model):
+    from engine.device import probe_cpu
+    from engine.config import load_spec
+    from engine.planner.search import make_plan
+
+    plan = make_plan(load_spec("tiny"), 64, 96, 4, probe_cpu(), steps=3, force="cfg=batched", calibrate=False)
+    calls = []
+
+    def free_now():  # another program takes the memory once the encoders are done
+        calls.append(1)
+        return 1 << 40 if len(calls) <= 3 else 0
+
+    ref = generate(tiny_model, GenerateOptions(**FAST), plan, progress=False)
+    out = generate(tiny_model, GenerateOptions(**FAST), plan, progress=False,
+                   max_memory=MemoryBudget(None, "cpu", free_reader=free_now))
+    assert [(a.stage, a.step) for a in out.adjustments] == [("denoise", None)]
+    assert "free memory fell to" in out.adjustments[0].reason and out.settings.cfg == "sequential"
+    assert torch.allclose(out.video, ref.video, atol=1e-4) and out.denoise_steps == FAST["steps"]

@@ -128,7 +128,7 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         None if max_memory is None else parse_size(max_memory, "max_memory"), device)
     counts = {"unet_calls": 0, "steps": 0}
     progress_ = _Progress(opts, model.spec, resume, callback_on_step_end)
-    with attached(model, chosen, device, frames=opts.frames, budget=budget) as run:
+    with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan) as run:
         try:
             video = _run_stages(model, opts, run, progress, counts, progress_)
         except _StopRequested:
@@ -194,6 +194,7 @@ def _resumed(model, state: RunState) -> GenerateOptions:
 def _recovering(run, name: str, attempt):
     """Run ``attempt()`` as stage ``name``; after an out-of-memory error re-plan and call it again
     (each attempt resumes from what the previous ones finished)."""
+    run.check_headroom(name)
     while True:
         try:
             with run.stage(name):

@@ -45,6 +45,7 @@ class MemoryBudget:
     faults: set = field(default_factory=set)
     position: tuple = ("", None)
     need_bytes: int = 0  # what the last refused allocation would have brought the total to
+    free_reader: object = None  # () -> free device bytes now; default: the driver / host RAM
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -72,6 +73,20 @@ class MemoryBudget:
             stage, step = self.position
             raise torch.OutOfMemoryError(f"injected out of memory in {stage}"
                                          + ("" if step is None else f" at step {step}"))
+
+    def available_bytes(self) -> int:
+        """What this run could hold now: free device memory plus what it already holds, within the cap."""
+        if self.free_reader is not None:
+            free = self.free_reader()
+        elif self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        held = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else self.live_bytes()
+        total = free + held
+        return total if self.max_bytes is None else min(total, self.max_bytes)
 
     def live_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -64,6 +64,27 @@ class Run:
     offload: object = None  # the OffloadHandle in model/block mode
     records: list[StageRecord] = field(default_factory=list)
     adjustments: list[Adjustment] = field(default_factory=list)
+    plan: object = None  # the Plan being run, when there is one: its predictions guide re-plans
+
+    def check_headroom(self, name: str) -> None:
+        """Before ``name``: if memory was taken since planning (another program, a smaller cap) and
+        the stage's predicted peak no longer fits, move one rung down before it fails."""
+        if self.plan is None or len(self.adjustments) >= MAX_REPLANS:
+            return
+        predicted = self.plan.stage(name)
+        context = predicted.terms.get("cuda_context", 0)
+        available = self.budget.available_bytes() + context  # the context is in use already
+        if predicted.peak_bytes <= available or self.settings != self.plan.settings:
+            return
+        new = next_settings(name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames)
+        if new is None:
+            return  # nothing smaller: run it and recover if it really runs out
+        why = (f"free memory fell to {format_bytes(available)} since planning; the plan predicted "
+               f"{format_bytes(predicted.peak_bytes)} for {name}")
+        self.adjustments.append(Adjustment(name, None, self.settings, new, why))
+        log.warning("%s: %s; continuing with %s", name, why,
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.adjustments[-1].changes().items()))
+        self._reapply(new)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -136,7 +157,7 @@ class Run:
 
 @contextlib.contextmanager
 def attached(model, settings: Settings, device, *, frames: int = 1, max_memory: int | None = None,
-             budget: MemoryBudget | None = None):
+             budget: MemoryBudget | None = None, plan=None):
     """Apply ``settings`` to ``model`` for one run, within ``max_memory`` bytes (or ``budget``);
     give the model back as it was afterwards."""
     device = torch.device(device)
@@ -160,7 +181,7 @@ def attached(model, settings: Settings, device, *, frames: int = 1, max_memory: 
                 raise OutOfMemory(f"`max_memory` {format_bytes(budget.max_bytes)} is below the "
                                   f"{format_bytes(budget.baseline_bytes)} the model's weights already take "
                                   f"on {device}; raise it or plan a lower precision.")
-            run = Run(model, settings, device, budget, frames, handle)
+            run = Run(model, settings, device, budget, frames, handle, plan=plan)
             with budget:
                 yield run
         finally:
