@@ -1,6 +1,14 @@
 """engine: adaptive, memory-aware inference for DynamiCrafter-class image-to-video models.
 
-The public API (imported lazily, so ``import engine`` is cheap)::
+For tools that embed the engine, one object loads, plans and generates (``docs/api.md``)::
+
+    from engine import Pipeline
+
+    pipe = Pipeline.from_config("512", "model.ckpt")          # cuda if available, else cpu
+    out = pipe("cat.png", "a cat", callback_on_step_end=None) # plans for the device, cached per workload
+    out.save("cat.mp4")                                       # + cat.mp4.json: prompt, seed, config, plan
+
+The pieces underneath (imported lazily, so ``import engine`` is cheap)::
 
     from engine import load_spec, load_model, make_plan, catalog_device, generate, GenerateOptions
 
@@ -16,12 +24,16 @@ The memory-aware pieces also work on someone else's modules: ``apply_autoencode_
 to predict a VAE's peak, ``apply_offload`` on any container, ``trace_call`` on any call.
 """
 import importlib
+import logging
+
+logging.getLogger("engine").addHandler(logging.NullHandler())  # a library logs; the application shows it
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_spec": "engine.config", "ModelSpec": "engine.config",
     "load_model": "engine.pipeline.loading",
+    "Pipeline": "engine.pipeline.pipe", "VideoOutput": "engine.pipeline.pipe",
     "generate": "engine.pipeline.generate", "GenerateResult": "engine.pipeline.generate",
     "GenerateOptions": "engine.pipeline.options",
     "make_plan": "engine.planner.search", "Plan": "engine.plan.plan", "Workload": "engine.plan.plan",

@@ -3,7 +3,7 @@ machine (``probe``: nvidia-ml-py, torch, psutil, short micro-benchmarks). Import
 planner can read a ``DeviceSpec`` without importing torch."""
 import importlib
 
-_EXPORTS = {"probe_device": "probe", "probe_cpu": "probe", "host_memory": "probe",
+_EXPORTS = {"probe_device": "probe", "probe_cpu": "probe", "probe_for": "probe", "capped": "probe", "host_memory": "probe",
             "DeviceSpec": "spec", "catalog_device": "spec", "vram_device": "spec"}
 __all__ = list(_EXPORTS)
 

@@ -107,6 +107,26 @@ def probe_device(index: int = 0, measure: bool = True) -> DeviceSpec:
     return probe_cpu(measure)
 
 
+def probe_for(device: str | torch.device, argument: str = "device", max_memory: int | None = None) -> DeviceSpec:
+    """The probed spec of the device a run will use (``cpu``, ``cuda`` or ``cuda:N``), capped at
+    ``max_memory`` bytes when given (the cap is then the device: its total and free memory); a CUDA
+    device this machine does not have is refused in one sentence naming ``argument``."""
+    device = torch.device(device)
+    spec = probe_device(device.index or 0) if device.type == "cuda" else probe_cpu()
+    if device.type == "cuda" and spec.kind != "cuda":
+        raise ValueError(f"`{argument}` {str(device)!r} is not available here (no CUDA device found); "
+                         "use cpu.")
+    return capped(spec, max_memory)
+
+
+def capped(spec: DeviceSpec, max_memory: int | None) -> DeviceSpec:
+    """``spec`` as a run limited to ``max_memory`` bytes sees it (None: unchanged)."""
+    if max_memory is None:
+        return spec
+    free = max_memory if spec.free_bytes is None else min(spec.free_bytes, max_memory)
+    return replace(spec, total_bytes=min(spec.total_bytes, max_memory), free_bytes=free)
+
+
 def _probe_cuda(index: int, nvml: dict, measure: bool) -> DeviceSpec:
     dev = f"cuda:{index}"
     props = torch.cuda.get_device_properties(index)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InvalidArgument
 from ..logs import warn_once
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def load_image(source, argument: str = "--image") -> Image.Image:
     array as ``HxWxC``). Values: ``uint8`` 0-255, ``uint16`` 0-65535, floats in [0, 1], or in
     [-1, 1] (the engine's own convention) when any value is negative.
     """
+    if source is None:  # GenerateOptions' own default: no image given
+        raise InvalidArgument(f"`{argument}` is required to generate a video; pass a file path, a PIL.Image, "
+                              "an HxWxC numpy array or a CxHxW torch tensor.")
     if isinstance(source, Image.Image):
         return to_rgb(source, argument, _describe(source))
     if isinstance(source, (np.ndarray, torch.Tensor)):

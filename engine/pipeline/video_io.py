@@ -63,10 +63,11 @@ def check_writable_folder(folder: str | os.PathLike, argument: str) -> Path:
     return folder
 
 
-def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Path:
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, metadata: str | None = None) -> Path:
     """Encode uint8 [T, H, W, 3] frames in the container the extension names (see ``CONTAINERS``).
     Written to a temporary file in the same folder and renamed, so an interrupted run never leaves a
-    broken video behind."""
+    broken video behind. ``metadata`` (text, e.g. JSON) is stored as the container's comment: the
+    ``comment`` tag of mp4/webm (``av.open(path).metadata["comment"]``), the GIF comment extension."""
     import av
 
     path = Path(path)
@@ -74,10 +75,12 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Pa
     tmp = _atomic_target(path)
     try:
         if codec is None:
-            _write_gif(frames, tmp, fps)
+            _write_gif(frames, tmp, fps, metadata)
             os.replace(tmp, path)
             return path
         with av.open(str(tmp), mode="w", format=fmt) as container:
+            if metadata is not None:
+                container.metadata["comment"] = metadata
             stream = container.add_stream(codec, rate=int(fps))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = pix_fmt
@@ -91,26 +94,33 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int = 8) -> Pa
     return path
 
 
-def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
+def _write_gif(frames: np.ndarray, path: Path, fps: int, metadata: str | None = None) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT) for f in frames]
+    extra = {"comment": metadata} if metadata is not None else {}
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], loop=0,
-                   duration=round(1000 / fps), disposal=1)
+                   duration=round(1000 / fps), disposal=1, **extra)
 
 
 write_mp4 = write_video  # the older name; the extension picks the container
 
 
-def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> list[Path]:
-    from PIL import Image
+def write_png_frames(frames: np.ndarray, folder: str | os.PathLike, prefix: str = "frame_",
+                     metadata: str | None = None) -> list[Path]:
+    """``folder/<prefix>0000.png``, ...; ``metadata`` goes into each file's ``comment`` text chunk."""
+    from PIL import Image, PngImagePlugin
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    info = None
+    if metadata is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("comment", metadata)
     paths = []
     for i, frame in enumerate(frames):
-        p = folder / f"frame_{i:04d}.png"
-        Image.fromarray(frame).save(p)
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(frame).save(p, pnginfo=info)
         paths.append(p)
     return paths
 
@@ -121,3 +131,20 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def read_metadata(path: str | os.PathLike) -> str | None:
+    """The comment :func:`write_video` or :func:`write_png_frames` stored in ``path``, or None.
+
+    Matroska (webm) upper-cases tag names and GIF stores bytes; this reads all of them alike."""
+    path = Path(path)
+    if path.suffix.lower() in (".gif", ".png"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            comment = im.info.get("comment")
+        return comment.decode("utf-8") if isinstance(comment, bytes) else comment
+    import av
+
+    with av.open(str(path)) as container:
+        return next((v for k, v in container.metadata.items() if k.lower() == "comment"), None)
