@@ -109,9 +109,13 @@ def test_stop_is_prompt_clean_and_resumable(pipe, out, tmp_path):
     assert torch.equal(pipe(resume=saved, progress=False).video, out.video)
 
 
-def test_missing_image_is_one_sentence(pipe, tiny_model):
+def test_bad_arguments_are_one_sentence(pipe, tiny_model):
     with pytest.raises(InvalidArgument, match="`image` is required"):
         pipe(None, PROMPT, **SMALL)
+    with pytest.raises(InvalidArgument, match="`height` 65 must be a positive multiple"):
+        pipe(str(EXAMPLE_IMAGE), PROMPT, **{**SMALL, "height": 65})
+    with pytest.raises(InvalidArgument, match="`plan` must be an engine Plan"):
+        pipe(str(EXAMPLE_IMAGE), PROMPT, plan="fast", progress=False)
     with pytest.raises(InvalidArgument, match="`opts.image` is required"):
         engine.generate(tiny_model, GenerateOptions(), progress=False)
 

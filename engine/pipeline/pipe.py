@@ -264,10 +264,14 @@ class Pipeline:
             opts = GenerateOptions(image=as_image_input(image, "image"), image2=as_image_input(image2, "image2"),
                                    prompt=prompt, mode=mode, height=height, width=width, frames=frames,
                                    steps=steps, cfg=cfg, cfg_img=cfg_img, fs=fs, eta=eta, seed=seed, fps=fps)
+        if plan is not None and not isinstance(plan, Plan):
+            raise InvalidArgument(f"`plan` must be an engine Plan, not {type(plan).__name__}; make one with "
+                                  "pipe.plan(...).")
+        # resolved once here (a negative seed is drawn once), so errors name this call's arguments
+        opts = resolve_options(opts, self.spec, plan.workload if plan else None, name=str)
         if plan is None:
-            full = resolve_options(opts, self.spec, name=str)
-            plan = self.plan(full.height, full.width, full.frames, max_memory=max_memory, steps=full.steps,
-                             mode=full.mode, force=force, guidance=full.cfg != 1.0)
+            plan = self.plan(opts.height, opts.width, opts.frames, max_memory=max_memory, steps=opts.steps,
+                             mode=opts.mode, force=force, guidance=opts.cfg != 1.0)
         elif force is not None:
             raise InvalidArgument("`force` shapes a plan this call makes; with `plan` given, pass "
                                   "pipe.plan(..., force=...) as the plan instead.")
