@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.device",),
     ("engine.pipeline",),
     ("engine.batch",),
-    ("engine.commands", "engine.cli", "engine.__init__", "engine.__main__"),
+    ("engine.commands", "engine.cli", "engine.web", "engine.__init__", "engine.__main__"),
 )
 
 
