@@ -115,6 +115,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _normalise_keys(_unwrap(sd, path))
 
 
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The cheap checks of ``--ckpt`` (there, a file, not empty, readable), made before anything is
+    planned or built; :func:`read_state_dict` makes them again when it reads the file."""
+    return _existing_file(Path(path).expanduser())
+
+
 def _existing_file(path: Path) -> Path:
     if path.is_dir():
         raise CheckpointError(f"`--ckpt` {str(path)!r} is a directory; pass the checkpoint file "
@@ -125,6 +131,9 @@ def _existing_file(path: Path) -> Path:
     if path.stat().st_size == 0:
         raise CheckpointError(f"`--ckpt` {str(path)!r} is empty (0 bytes); the download or copy "
                               "did not finish, so fetch the checkpoint again.")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"`--ckpt` {str(path)!r} cannot be read (permission denied); make it "
+                              "readable (chmod +r) or copy it somewhere you can read.")
     return path
 
 
@@ -177,8 +186,9 @@ def _torch_load(path: Path):
         _note_skipped(obj, stand_ins, path)
         if not zipped:
             warn_once(log, "`--ckpt` %r uses PyTorch's legacy (non-zip) format, which cannot be "
-                      "memory-mapped, so it is held in RAM; convert it once with `engine convert` "
-                      "to load it mapped.", str(path))
+                      "memory-mapped, so it is held in RAM while it loads; to load it mapped, write a "
+                      "copy once with `engine convert --config CONFIG --ckpt %s --out model.safetensors` "
+                      "(it reads this format).", str(path), str(path))
         return obj
     raise CheckpointError(f"`--ckpt` {str(path)!r} names more than {_MAX_STAND_INS} classes that "
                           "are not allow-listed; re-save only its weights with "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from .commands import batch, convert, generate, gpus, inspect, plan, probe
@@ -12,8 +13,21 @@ VERBS = {"generate": generate, "plan": plan, "inspect": inspect, "convert": conv
          "gpus": gpus, "batch": batch}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in the engine's shape: one line, exit status 2."""
+
+    def error(self, message: str):
+        m = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+        if m:
+            kind = {"int": "a whole number", "float": "a number"}.get(m.group(2), f"a valid {m.group(2)}")
+            message = f"`{m.group(1)}` {m.group(3)} is not {kind}"
+        elif (m := re.fullmatch(r"argument (\S+?)(?:/\S+)?: (.*)", message)):
+            message = f"`{m.group(1)}`: {m.group(2)}"
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engine", description=(
+    parser = _Parser(prog="engine", description=(
         "Adaptive memory-aware image-to-video inference for DynamiCrafter-class models."))
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

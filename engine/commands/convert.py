@@ -29,9 +29,7 @@ def convert(config, ckpt, out, dtype: str = "fp16") -> Path:
     from ..config import load_spec
     from ..models import build_model
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"`--out` {str(out)!r} must end in .safetensors; rename the output path.")
+    out = check_convert_paths(ckpt, out, dtype)
     spec = load_spec(config)
     sd = read_state_dict(ckpt)
     model = build_model(spec, device="meta")
@@ -42,6 +40,30 @@ def convert(config, ckpt, out, dtype: str = "fp16") -> Path:
     tmp = out.with_name(f".partial-{out.name}")
     save_file(converted, str(tmp), metadata={"config": spec.name, "dtype": dtype})
     os.replace(tmp, out)
+    return out
+
+
+def check_convert_paths(ckpt, out, dtype: str) -> Path:
+    """``--out``, ``--ckpt`` and ``--dtype`` checked before the checkpoint is read: the output is a
+    ``.safetensors`` file name (not a folder, not the input) in a folder that can be written."""
+    from ..checkpoint import check_checkpoint_path
+    from ..errors import InvalidArgument
+    from ..pipeline.video_io import check_writable_folder
+
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"`--dtype` {dtype!r} is not one engine convert writes; use one of "
+                              f"{', '.join(sorted(DTYPES))}.")
+    source = check_checkpoint_path(ckpt)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise InvalidArgument(f"`--out` {str(out)!r} is a directory; pass a file name in it such as "
+                              f"{str(out / 'model-fp16.safetensors')!r}.")
+    if out.suffix != ".safetensors":
+        raise InvalidArgument(f"`--out` {str(out)!r} must end in .safetensors; rename the output path.")
+    if out.exists() and out.resolve() == source.resolve():
+        raise InvalidArgument(f"`--out` {str(out)!r} is the `--ckpt` file itself, which is read while "
+                              "the copy is written; pass another file name.")
+    check_writable_folder(out.parent, "--out")
     return out
 
 

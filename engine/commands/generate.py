@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InvalidArgument
+
 DEMO_PROMPT = "clouds drifting over a mountain lake"
 DEMO_OUT = "outputs/demo.mp4"
 
@@ -42,7 +44,7 @@ def _options(args, is_demo: bool):
     from ..pipeline.options import GenerateOptions
 
     return GenerateOptions(
-        image=args.image or str(EXAMPLE_IMAGE), image2=args.image2, mode=args.mode,
+        image=str(EXAMPLE_IMAGE) if args.image is None else args.image, image2=args.image2, mode=args.mode,
         prompt=args.prompt if args.prompt is not None else (DEMO_PROMPT if is_demo else ""),
         height=args.height, width=args.width, frames=args.frames,
         steps=args.steps if args.steps is not None else (25 if is_demo else 50), cfg=args.cfg,
@@ -60,16 +62,19 @@ def _force(args) -> str | None:
 
 
 def _device_for(args, max_memory: int | None):
-    """The probed device, capped at ``--max-memory`` when given."""
+    """The probed device (``--device``, already checked by :func:`run_device`), capped at
+    ``--max-memory`` when given."""
     from dataclasses import replace
 
     from ..device import probe_cpu, probe_device
 
-    index = int(args.device.split(":")[1]) if args.device.startswith("cuda:") else 0
-    device = probe_device(index) if args.device.startswith("cuda") else probe_cpu()
-    if args.device.startswith("cuda") and device.kind != "cuda":
-        raise ValueError(f"`--device` {args.device!r} is not available here (no CUDA device found); "
-                         "use --device cpu.")
+    if args.device == "cpu":
+        device = probe_cpu()
+    else:
+        device = probe_device(int(args.device.partition(":")[2]))
+        if device.kind != "cuda":  # torch sees the GPU but the driver's management library does not
+            raise InvalidArgument(f"`--device` {args.device!r} could not be probed (no NVIDIA driver "
+                                  "answered); check nvidia-smi, or use --device cpu.")
     if max_memory is None:
         return device
     free = max_memory if device.free_bytes is None else min(device.free_bytes, max_memory)
@@ -82,20 +87,64 @@ def plan_for(args, spec, opts, max_memory: int | None = None):
     from ..device.spec import parse_size
     from ..planner.search import make_plan
 
-    reserve = parse_size(args.reserve, "--reserve") if args.reserve else (0 if max_memory else None)
+    reserve = (parse_size(args.reserve, "--reserve") if args.reserve is not None
+               else 0 if max_memory is not None else None)
     return make_plan(spec, opts.height, opts.width, opts.frames, _device_for(args, max_memory),
                      force=_force(args), reserve_bytes=reserve, steps=opts.steps, guidance=opts.cfg != 1.0,
-                     mode=opts.mode, host_bytes=host_memory()["available_bytes"])
+                     mode=opts.mode, host_bytes=host_memory()["available_bytes"],
+                     names=plan_names(args.device, max_memory is not None))
+
+
+def plan_names(device: str, capped: bool) -> dict:
+    """How ``engine generate``'s planning errors name its flags (it has no ``--vram`` or ``--gpu``)."""
+    memory = "--max-memory" if capped else ("--device" if device != "cpu" else None)
+    return {"device": memory, "reserve_bytes": "--reserve", "height": "--height", "width": "--width",
+            "frames": "--frames", "steps": "--steps", "force": "--force"}
+
+
+def _check_run_inputs(args) -> int | None:
+    """Everything a run needs that is cheap to check, before the config, planning or the model:
+    outputs, ``--device``, ``--max-memory``, ``--reserve``, ``--ckpt`` and ``--resume`` paths."""
+    from ..device.spec import parse_size
+    from ..pipeline.options import run_device
+
+    _check_outputs(args)
+    args.device = run_device(args.device, "--device")
+    max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
+    if max_memory is not None and max_memory <= 0:
+        raise InvalidArgument(f"`--max-memory` {args.max_memory!r} must be positive; write it like 6GiB "
+                              "(leave it out for no cap).")
+    if args.reserve is not None and parse_size(args.reserve, "--reserve") < 0:
+        raise InvalidArgument(f"`--reserve` {args.reserve!r} must be >= 0; pass 0 to keep nothing free.")
+    if args.ckpt is not None:
+        from ..checkpoint import check_checkpoint_path
+
+        check_checkpoint_path(args.ckpt)
+    if args.resume is not None:
+        _check_file(args.resume, "--resume", "the .resume.pt file an interrupted run named")
+    return max_memory
+
+
+def _check_file(path: str, flag: str, what: str) -> None:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InvalidArgument(f"`{flag}` {path!r} is a directory; pass {what}.")
+    if not p.is_file():
+        raise InvalidArgument(f"`{flag}` {path!r} does not exist; pass {what}.")
 
 
 def _check_outputs(args) -> None:
     """Every output place is checked before planning and loading: a typo costs seconds."""
     from ..pipeline.video_io import check_output_path, check_writable_folder
 
+    for flag, value in (("--out", args.out), ("--png-dir", args.png_dir), ("--save-latents", args.save_latents),
+                        ("--ckpt", args.ckpt), ("--resume", args.resume), ("--config", args.config)):
+        if value is not None and not value.strip():
+            raise InvalidArgument(f"`{flag}` is an empty path; pass a path or leave the flag out.")
     check_output_path(args.out, "--out")
-    if args.png_dir:
+    if args.png_dir is not None:
         check_writable_folder(args.png_dir, "--png-dir")
-    if args.save_latents:
+    if args.save_latents is not None:
         check_writable_folder(Path(args.save_latents).expanduser().parent, "--save-latents")
 
 
@@ -119,19 +168,15 @@ def run(args) -> int:
     import signal
 
     from ..config import load_spec
-    from ..device.spec import format_bytes, parse_size
-    from ..errors import DoesNotFit
+    from ..device.spec import format_bytes
     from ..pipeline.loading import load_model
 
-    _check_outputs(args)
-    max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    max_memory = _check_run_inputs(args)  # seconds, before the config, the plan and the weights
     spec = load_spec(args.config)
     opts, state = _inputs(args, spec)
     plan = plan_for(args, spec, opts, max_memory)  # before loading: a run that cannot fit fails in seconds
     if not plan.fits:
-        raise DoesNotFit(f"`--force` {args.force or ''} is predicted to need {format_bytes(plan.peak_bytes)} "
-                         f"of the {format_bytes(plan.budget_bytes)} budget; drop the forced settings "
-                         "or lower `--reserve`.")
+        raise _forced_too_big(args, plan, max_memory)
     print(f"plan: {plan.settings.describe()}; predicted peak {format_bytes(plan.peak_bytes)} "
           f"of {format_bytes(plan.budget_bytes)}")
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
@@ -142,6 +187,23 @@ def run(args) -> int:
         return _generate_and_write(args, model, opts, plan, state, max_memory)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _forced_too_big(args, plan, max_memory):
+    """A forced plan predicted not to fit: the way out names only flags this run can change."""
+    from ..device.spec import format_bytes
+    from ..errors import DoesNotFit
+
+    memory = "host RAM" if plan.device.kind == "cpu" else "device memory"
+    ways = ["drop or change `--force`" if args.force else "drop `--perframe-ae`/`--no-perframe-ae`"]
+    if plan.reserve_bytes:
+        ways.append("lower `--reserve`")
+    if max_memory is not None:
+        ways.append("raise `--max-memory`")
+    forced = ",".join(plan.forced)
+    return DoesNotFit(f"the forced settings {forced} are predicted to need {format_bytes(plan.peak_bytes)} of "
+                      f"the {format_bytes(plan.budget_bytes)} budget ({memory}); {', '.join(ways[:-1])}"
+                      f"{' or ' if len(ways) > 1 else ''}{ways[-1]}.")
 
 
 def _terminate(signum, frame):
@@ -164,11 +226,11 @@ def _generate_and_write(args, model, opts, plan, state, max_memory) -> int:
               f"{'--ckpt ' + args.ckpt + ' ' if args.ckpt else ''}--resume {saved} --out {args.out}",
               file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 2
-    if args.save_latents:
+    if args.save_latents is not None:
         print(f"saved latents to {result.state.save(Path(args.save_latents).expanduser())}")
     frames = to_uint8_frames(result.video)
     out = write_video(frames, Path(args.out).expanduser(), fps=opts.fps)
-    if args.png_dir:
+    if args.png_dir is not None:
         write_png_frames(frames, args.png_dir)
     total = sum(result.timings.values())
     print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

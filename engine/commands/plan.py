@@ -18,14 +18,19 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+# how planning errors name this command's flags (make_plan's ``names``)
+NAMES = {"device": "--vram", "reserve_bytes": "--reserve", "height": "--height", "width": "--width",
+         "frames": "--frames", "steps": "--steps", "force": "--force"}
+
+
 def resolve_device(vram: str | None, gpu: str | None):
     """``--gpu`` from the catalogue, ``--vram`` alone, or the probed device of this machine."""
     from ..device.spec import catalog_device, nearest_catalog_device, parse_size, vram_device
 
-    if gpu:
+    if gpu is not None:
         card = catalog_device(gpu)
-        return vram_device(vram, like=card) if vram else card
-    if vram:
+        return vram_device(vram, like=card) if vram is not None else card
+    if vram is not None:
         return vram_device(vram, like=nearest_catalog_device(parse_size(vram)))
     from ..device import probe_device
 
@@ -42,7 +47,7 @@ def run(args) -> int:
     opts = resolve_options(GenerateOptions(height=args.height, width=args.width, frames=args.frames,
                                            steps=args.steps), spec, name=cli_name)
     device = resolve_device(args.vram, args.gpu)
-    reserve = parse_size(args.reserve, "--reserve") if args.reserve else None
+    reserve = parse_size(args.reserve, "--reserve") if args.reserve is not None else None
     host = None
     if device.source == "probe":  # planning for this machine: its free RAM bounds offloading
         from ..device import host_memory
@@ -50,6 +55,6 @@ def run(args) -> int:
         host = host_memory()["available_bytes"]
     plan = make_plan(spec, opts.height, opts.width, opts.frames, device, force=args.force,
                      reserve_bytes=reserve, steps=opts.steps, mode="interp" if args.interp else "i2v",
-                     host_bytes=host)
+                     host_bytes=host, names=NAMES)
     print(plan.to_json() if args.json else plan.explain())
     return 0

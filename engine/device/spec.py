@@ -9,6 +9,8 @@ from functools import lru_cache
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgument, WrongType
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -83,12 +85,54 @@ def load_catalog() -> dict[str, DeviceSpec]:
         laptop=bool(e.get("laptop", False)), source="catalog", slug=slug) for slug, e in raw.items()}
 
 
-def catalog_device(slug: str) -> DeviceSpec:
+def catalog_device(slug: str, argument: str = "--gpu") -> DeviceSpec:
+    """The catalogued card ``slug``; a typo is answered with the nearest slugs and names."""
+    import difflib
+
     cat = load_catalog()
-    if slug not in cat:
-        raise ValueError(f"`--gpu` {slug!r} is not in the catalogue; run `engine gpus` to list the "
-                         f"slugs (e.g. {', '.join(list(cat)[:3])}), or pass `--vram SIZE`.")
-    return cat[slug]
+    if not isinstance(slug, str):
+        raise WrongType(f"`{argument}` has type {type(slug).__name__}; pass a catalogue slug such as "
+                        "'rtx-4090' (`engine gpus` lists them).")
+    if slug in cat:
+        return cat[slug]
+    key = slug.strip().lower().replace(" ", "-").replace("_", "-").removeprefix("nvidia-").removeprefix("geforce-")
+    if key in cat:
+        return cat[key]
+    names = {d.name.lower(): s for s, d in cat.items()}  # 'NVIDIA GeForce RTX 4090' finds rtx-4090 too
+    near = [s for s in cat if key and s.startswith(key)]  # 'a100' -> both A100s
+    near += difflib.get_close_matches(key, list(cat), n=3, cutoff=0.5)
+    near += [names[n] for n in difflib.get_close_matches(slug.lower(), list(names), n=3, cutoff=0.6)]
+    near = list(dict.fromkeys(near))[:3]
+    hint = f" (nearest: {', '.join(near)})" if near else ""
+    raise InvalidArgument(f"`{argument}` {slug!r} is not in the catalogue{hint}; run `engine gpus` to list "
+                          "every slug, or pass `--vram SIZE` for any other card.")
+
+
+def parse_device(device, argument: str = "device") -> str:
+    """``'cpu'``, ``'cuda'``, ``'cuda:N'`` (or a ``torch.device`` of those) -> its canonical string.
+
+    Torch-free, so a bad ``--device`` is answered before anything is planned or built; whether
+    the CUDA device exists is checked where torch is imported anyway."""
+    if hasattr(device, "type") and hasattr(device, "index") and not isinstance(device, str):
+        device = device.type if device.index is None else f"{device.type}:{device.index}"
+    if not isinstance(device, str):
+        raise WrongType(f"`{argument}` has type {type(device).__name__}; pass 'cpu', 'cuda' or 'cuda:N' "
+                        "(or a torch.device).")
+    text = device.strip().lower()
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
+    if m and not (m.group(1) == "cpu" and m.group(2) not in (None, "0")):
+        return "cpu" if m.group(1) == "cpu" else text
+    kind = text.partition(":")[0]
+    if kind in _TORCH_ONLY_KINDS:
+        raise InvalidArgument(f"`{argument}` {device!r} is a device type this engine does not run on "
+                              "(it plans and runs on CPUs and CUDA GPUs); use cpu, cuda or cuda:N.")
+    raise InvalidArgument(f"`{argument}` {device!r} is not a device; use cpu, cuda or cuda:N (N: the "
+                          "GPU's index, as nvidia-smi numbers them).")
+
+
+# device types torch knows but the engine does not run on (told apart from typos in messages)
+_TORCH_ONLY_KINDS = {"mps", "xpu", "xla", "hip", "ipu", "mkldnn", "opengl", "opencl", "ideep", "ve",
+                     "fpga", "maia", "lazy", "vulkan", "meta", "hpu", "mtia", "privateuseone"}
 
 
 def nearest_catalog_device(total_bytes: int) -> DeviceSpec:

@@ -27,7 +27,7 @@ from .conditioning import (assemble_conditions, concat_latents, image_conditions
                            unet_call)
 from .image_io import prepare_image
 from .latents import decode_remaining, encode_condition_latents, flat_latents, training_alphas_cumprod
-from .options import GenerateOptions, library_name, resolve_options
+from .options import GenerateOptions, library_name, resolve_options, run_device
 from .resume import Interrupted, RunState
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _run_settings(model, opts, plan, settings, device) -> tuple[GenerateOptions,
     opts = resolve_options(opts, model.spec, plan.workload if plan else None)
     if device is None:
         device = "cuda" if plan is not None and plan.device.kind == "cuda" else "cpu"
-    device = torch.device(device)
+    device = torch.device(run_device(device, "device"))
     if plan is not None:
         plan.check_runs(workload_of(opts, model.spec), device.type)
         chosen = plan.settings

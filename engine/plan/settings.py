@@ -99,6 +99,11 @@ class Attention(Choice):
         return "an attention backend"
 
 
+# DDIM timestep spacings (engine.sampling.schedule implements them); here so that option checks
+# made before anything imports torch read the same table
+TIMESTEP_SPACINGS = ("uniform", "uniform_trailing", "quad")
+
+
 class GenerationMode(Choice):
     I2V = "i2v"
     INTERP = "interp"

@@ -8,11 +8,13 @@ Example:
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 from ..device.spec import DeviceSpec, default_reserve, format_bytes
-from ..errors import DoesNotFit
+from ..errors import DoesNotFit, InvalidArgument, WrongType
 from ..plan.plan import Plan, Rejected, StagePlan, Workload
 from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, parse_force,
                              reference_settings)
@@ -63,7 +65,7 @@ def _flops_rate(device: DeviceSpec, precision: Precision) -> float | None:
 def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *, force: str | None = None,
               reserve_bytes: int | None = None, steps: int = 50, guidance: bool = True,
               mode: str = "i2v", host_bytes: int | None = None, estimators=None,
-              calibrate: bool = True) -> Plan:
+              calibrate: bool = True, names: Mapping[str, str | None] | None = None) -> Plan:
     """Choose the fastest predicted settings whose every stage fits ``device`` minus the reserve.
 
     Args:
@@ -79,19 +81,28 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
         estimators: an ``engine.planner.estimators.Estimators`` (built and cached if None).
         calibrate: on a probed device, correct the predictions by what earlier runs measured
             there (:mod:`engine.planner.calibration`).
+        names: how the caller's user names the arguments in error messages, e.g. ``{"device":
+            "--vram", "reserve_bytes": "--reserve", "height": "--height"}``; None leaves a way out
+            unmentioned (the command has no such flag). Default: the Python names.
+
+    Raises:
+        WrongType, InvalidArgument: a bad argument, before anything is estimated.
+        DoesNotFit: no candidate fits (or the reserve leaves nothing); the message names the
+            memory (device memory or, on the CPU, host RAM) and the arguments that would help.
     """
     from .estimators import Estimators
 
     t0 = time.perf_counter()
+    name = _namer(names)
+    _check_arguments(spec, height, width, frames, device, steps, reserve_bytes, host_bytes, force, mode, name)
     work = Workload.for_spec(spec, height, width, frames, steps=steps, mode=mode, guidance=guidance)
-    forced = parse_force(force)
+    forced = parse_force(force, (names or {}).get("force") or "force")
     reserve = default_reserve(device, reserve_bytes)
     budget = device.total_bytes - reserve
     if device.free_bytes is not None:  # a probed device: what other programs hold is not ours
         budget = min(budget, device.free_bytes)
     if budget <= 0:
-        raise DoesNotFit(f"`reserve_bytes` {format_bytes(reserve)} leaves no memory on the "
-                         f"{format_bytes(device.total_bytes)} of {device.name}; lower the reserve.")
+        raise _no_memory(device, reserve, reserve_bytes is not None, name)
     est = estimators or Estimators.for_spec(spec, device)
     store = CalibrationStore(device, work.config_digest) if calibrate and device.source == "probe" else None
     fitting, rejected = [], []
@@ -108,7 +119,7 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     elif forced.items:  # a forced plan that does not fit is still predicted and explained
         best, stages, _ = min(rejected, key=lambda e: max(x.peak_bytes for x in e[1]))
     else:
-        raise _infeasible(rejected, budget, device)
+        raise _infeasible(rejected, budget, reserve, device, name)
     return Plan(workload=work, device=device, budget_bytes=budget, reserve_bytes=reserve, settings=best,
                 stages=tuple(stages), forced=forced.items,
                 rejected=tuple(Rejected(c, r) for c, _, r in rejected[:30] if c is not best),
@@ -141,11 +152,85 @@ def _fastest(fitting):
     return min(tied, key=lambda e: _preference(e[0]))
 
 
-def _infeasible(rejected, budget, device) -> DoesNotFit:
+def _namer(names):
+    """``name(argument)``: how messages write an argument (backticked), or None (not the caller's)."""
+    names = {} if names is None else dict(names)
+    return lambda arg: (f"`{names[arg]}`" if names[arg] else None) if arg in names else f"`{arg}`"
+
+
+_EXAMPLES = {"height": 320, "width": 512, "frames": 16, "steps": 50}
+_AT_LEAST = {"height": 1, "width": 1, "frames": 1, "steps": 1, "reserve_bytes": 0, "host_bytes": 0}
+_WAY_OUT = {"frames": "DynamiCrafter models are trained on 16", "steps": "50 is the default",
+            "reserve_bytes": "pass 0 to keep nothing free", "host_bytes": "pass None to skip the host RAM check",
+            "height": "pass the video's height in pixels, e.g. 320",
+            "width": "pass the video's width in pixels, e.g. 512"}
+
+
+def _check_arguments(spec, height, width, frames, device, steps, reserve_bytes, host_bytes, force, mode,
+                     name) -> None:
+    """Types and ranges first: one sentence naming the argument, before anything is estimated."""
+    if not hasattr(spec, "unet") or not hasattr(spec, "vae"):
+        raise WrongType(f"`spec` has type {type(spec).__name__}; pass a model spec: "
+                        "engine.load_spec('512') (or a config path).")
+    values = {"height": height, "width": width, "frames": frames, "steps": steps,
+              "reserve_bytes": reserve_bytes, "host_bytes": host_bytes}
+    for arg, value in values.items():
+        label = name(arg) or f"`{arg}`"
+        if value is None and arg.endswith("_bytes"):
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise WrongType(f"{label} {value!r} has type {type(value).__name__}; pass an int"
+                            + (" (bytes)." if arg.endswith("_bytes") else f", e.g. {_EXAMPLES[arg]}."))
+        if value < _AT_LEAST[arg]:
+            raise InvalidArgument(f"{label} {value} must be >= {_AT_LEAST[arg]}; {_WAY_OUT[arg]}.")
+    if steps > spec.timesteps:
+        raise InvalidArgument(f"{name('steps') or '`steps`'} {steps} must be at most {spec.timesteps} "
+                              "(the model's training timesteps); 50 is the default.")
+    if not isinstance(device, DeviceSpec):
+        raise WrongType(f"`device` has type {type(device).__name__}; pass a DeviceSpec: "
+                        "catalog_device('rtx-4090'), vram_device('8GiB') or engine.device.probe_device().")
+    if force is not None and not isinstance(force, str):
+        raise WrongType(f"{name('force') or '`force`'} has type {type(force).__name__}; pass a string such "
+                        "as 'cfg=sequential,ae_decode=chunk:4' or 'reference'.")
+
+
+def _memory_words(device: DeviceSpec) -> str:
+    return "host RAM" if device.kind == "cpu" else "device memory"
+
+
+def _no_memory(device: DeviceSpec, reserve: int, reserve_given: bool, name) -> DoesNotFit:
+    """Nothing left to plan in: say whether the reserve, the device's size or its free memory is why."""
+    total, memory = format_bytes(device.total_bytes), _memory_words(device)
+    if reserve_given and reserve >= device.total_bytes:
+        return DoesNotFit(f"{name('reserve_bytes') or 'the reserve'} {format_bytes(reserve)} leaves nothing of "
+                          f"the {total} of {memory} on {device.name}; keep less free (below {total}).")
+    if reserve >= device.total_bytes:
+        where = f" ({name('device')})" if name("device") else ""
+        way = f", or pass {name('reserve_bytes')} to keep less free" if name("reserve_bytes") else ""
+        return DoesNotFit(f"{device.name} has {total} of {memory}{where}, no more than the default reserve "
+                          f"of {format_bytes(reserve)} (max(1 GiB, 10 %)) kept free; plan for a device with "
+                          f"more memory{way}.")
+    return DoesNotFit(f"only {format_bytes(device.free_bytes or 0)} of the {total} of {memory} on {device.name} "
+                      f"is free, less than the {format_bytes(reserve)} reserve; free the memory other "
+                      "programs hold, then plan again.")
+
+
+def _or(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _infeasible(rejected, budget, reserve, device, name) -> DoesNotFit:
     need = min((max(x.peak_bytes for x in stages) for _, stages, _ in rejected), default=0)
-    return DoesNotFit(f"the budget {format_bytes(budget)} on {device.name} is below the "
-                      f"{format_bytes(need)} the smallest plan needs; use a larger card, a smaller "
-                      "reserve, or a lower resolution or frame count.")
+    of = f"{format_bytes(device.total_bytes)} of {_memory_words(device)}"
+    of += f" less a {format_bytes(reserve)} reserve" if reserve else ", no reserve"
+    if device.free_bytes is not None and device.free_bytes < device.total_bytes - reserve:
+        of += f", {format_bytes(device.free_bytes)} free"
+    ways = [f"more memory ({name('device')})" if name("device") else "",
+            f"a smaller {name('reserve_bytes')}" if reserve and name("reserve_bytes") else ""]
+    sizes = [n for n in (name("height"), name("width"), name("frames")) if n]
+    ways = [w for w in ways + ["a lower " + _or(sizes) if sizes else ""] if w]
+    return DoesNotFit(f"the budget {format_bytes(budget)} ({of}) on {device.name} is below the "
+                      f"{format_bytes(need)} the smallest plan needs" + (f"; use {_or(ways)}." if ways else "."))
 
 
 def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident: int):

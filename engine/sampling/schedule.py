@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from ..logs import warn_once
+from ..plan.settings import TIMESTEP_SPACINGS
 
 logger = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
-TIMESTEP_SPACINGS = ("uniform", "uniform_trailing", "quad")
 
 # Registration order of LVDM's DDPM.register_schedule, so state_dict key order matches too.
 BUFFER_NAMES = (
