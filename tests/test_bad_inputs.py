@@ -251,3 +251,9 @@ def test_make_plan_types(kwargs, error, message):
     args = dict(spec=load_spec("tiny"), height=64, width=64, frames=2, device=catalog_device("rtx-4090"))
     with pytest.raises(error, match=message):
         make_plan(**{**args, **kwargs})
+
+
+def test_probe_calibrate_config_checked_first_and_named(capsys, monkeypatch):
+    monkeypatch.setattr("engine.device.probe_device", lambda *a, **k: pytest.fail("measured before --calibrate"))
+    msg = _error(capsys, ["probe", "--no-measure", "--calibrate", "banana"])
+    assert msg.startswith("`--calibrate` 'banana' is not a file")

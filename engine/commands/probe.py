@@ -34,9 +34,16 @@ def run(args) -> int:
     from ..device import host_memory, probe_device
     from ..device.spec import format_bytes
 
+    if args.calibrate is not None:  # a bad config is answered before the device is measured
+        from ..config import ConfigError, load_spec
+
+        try:
+            load_spec(args.calibrate)
+        except ConfigError as err:  # the config came in by --calibrate here
+            raise ConfigError(str(err).replace("`--config`", "`--calibrate`", 1)) from None
     spec = probe_device(measure=not args.no_measure)
     info = {"device": spec.as_dict(), "host": host_memory()}
-    if args.calibrate:
+    if args.calibrate is not None:
         info["vae_calibration_s"] = calibrate_vae(args.calibrate, spec)
     if args.reset_calibration:
         from ..planner.calibration import reset_all
