@@ -257,3 +257,11 @@ def test_probe_calibrate_config_checked_first_and_named(capsys, monkeypatch):
     monkeypatch.setattr("engine.device.probe_device", lambda *a, **k: pytest.fail("measured before --calibrate"))
     msg = _error(capsys, ["probe", "--no-measure", "--calibrate", "banana"])
     assert msg.startswith("`--calibrate` 'banana' is not a file")
+
+
+def test_batch_checks_ckpt_before_planning(capsys, monkeypatch, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "steps": 1, "frames": 2, "height": 64, "width": 64}\n')
+    monkeypatch.setattr("engine.planner.search.make_plan", lambda *a, **k: pytest.fail("planned first"))
+    msg = _error(capsys, ["batch", str(jobs), "--out", str(tmp_path / "out"), "--ckpt", str(tmp_path)])
+    assert msg.startswith(f"`--ckpt` {str(tmp_path)!r} is a directory")

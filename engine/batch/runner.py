@@ -101,8 +101,12 @@ def run_batch(cfg: BatchConfig, stream=None) -> BatchSummary:
     progress = Progress(state.process_index, state.num_processes, cfg.quiet, stream)
     _warn_single_cpu_launch(state)
     spec = load_spec(cfg.config)
-    parse_force(cfg.force)  # a bad --force or --reserve fails here, not once per job
-    reserve = parse_size(cfg.reserve, "--reserve") if cfg.reserve else None
+    parse_force(cfg.force)  # a bad --force, --reserve or --ckpt fails here, not once per job
+    reserve = parse_size(cfg.reserve, "--reserve") if cfg.reserve is not None else None
+    if cfg.ckpt is not None:  # before any plan: the weights load only after every rank planned
+        from ..checkpoint import check_checkpoint_path
+
+        check_checkpoint_path(cfg.ckpt)
     device = rank_device(cfg.device, state.local_process_index, state.num_processes)
     jobs = read_jobs(cfg.jobs, spec)
     if jobs.invalid and not cfg.skip_invalid:
