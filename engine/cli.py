@@ -6,11 +6,11 @@ import logging
 import re
 import sys
 
-from .commands import batch, convert, generate, gpus, inspect, plan, probe
+from .commands import batch, convert, generate, gpus, inspect, plan, probe, serve
 from .errors import EngineError
 
 VERBS = {"generate": generate, "plan": plan, "inspect": inspect, "convert": convert, "probe": probe,
-         "gpus": gpus, "batch": batch}
+         "gpus": gpus, "batch": batch, "serve": serve}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--force", help="pin settings: key=value,... or `reference` (DynamiCrafter's own run)")
     p.add_argument("--interp", action="store_true", help="interpolation: two frames are VAE-encoded")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw each stage's memory, with DynamiCrafter's "
+                   "run beside it, into this picture (.png, .svg or .pdf; needs `pip install engine[plot]`)")
 
 
 # how planning errors name this command's flags (make_plan's ``names``)
@@ -43,6 +45,7 @@ def run(args) -> int:
     from ..device.spec import parse_size
     from ..planner.search import make_plan
 
+    plot = _check_plot(args.plot) if args.plot else None  # before planning: a typo costs nothing
     spec = load_spec(args.config)
     opts = resolve_options(GenerateOptions(height=args.height, width=args.width, frames=args.frames,
                                            steps=args.steps), spec, name=cli_name)
@@ -57,4 +60,33 @@ def run(args) -> int:
                      reserve_bytes=reserve, steps=opts.steps, mode="interp" if args.interp else "i2v",
                      host_bytes=host, names=NAMES)
     print(plan.to_json() if args.json else plan.explain())
+    if plot is not None:
+        _plot(plan, plot, lambda: make_plan(spec, opts.height, opts.width, opts.frames, device, force="reference",
+                                            reserve_bytes=reserve, steps=opts.steps, mode=plan.workload.mode,
+                                            host_bytes=host))
     return 0
+
+
+def _check_plot(path: str):
+    from ..pipeline.video_io import check_writable_folder
+    from ..planner.plot import check_plot_path, require_matplotlib
+
+    require_matplotlib("--plot")
+    path = check_plot_path(path, "--plot")
+    check_writable_folder(path.parent, "--plot")
+    return path
+
+
+def _plot(plan, path, reference_plan) -> None:
+    """Draw ``plan`` beside DynamiCrafter's run (unless it is that run) into ``path``."""
+    import sys
+
+    from ..planner.plot import plot_plan
+
+    reference = None
+    if "reference" not in plan.forced:
+        try:
+            reference = reference_plan()
+        except ValueError as err:  # e.g. xformers on a CPU: DynamiCrafter's run needs CUDA
+            print(f"engine plan: DynamiCrafter's run is left out of the picture: {err}", file=sys.stderr)
+    print(f"wrote {plot_plan(plan, path, reference=reference, argument='--plot')}", file=sys.stderr)
