@@ -177,8 +177,9 @@ def run(args) -> int:
     plan = plan_for(args, spec, opts, max_memory)  # before loading: a run that cannot fit fails in seconds
     if not plan.fits:
         raise _forced_too_big(args, plan, max_memory)
+    memory = "host RAM" if plan.device.kind == "cpu" else "device memory"
     print(f"plan: {plan.settings.describe()}; predicted peak {format_bytes(plan.peak_bytes)} "
-          f"of {format_bytes(plan.budget_bytes)}")
+          f"of {format_bytes(plan.budget_bytes)} {memory}")
     # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
     # casting on the device first would hold the fp32 copy there
     model = load_model(spec.source, args.ckpt, device="cpu")
