@@ -215,8 +215,9 @@ def build_models(device: str, threads: int) -> dict:
     return models
 
 
-def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+def run_child(spec: dict, timeout: float, script: str | Path = __file__) -> dict:
+    """Run ``script --child SPEC`` in a fresh process; its last JSON line, with a status."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               cwd=REPO_ROOT)

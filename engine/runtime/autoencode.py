@@ -34,6 +34,11 @@ Exactness contract:
       whole-image GroupNorm statistics the 256 case reaches ~52 dB, so per-tile GroupNorm
       statistics, not the blend, are the main residual error. Real weights may differ.
 
+    * Temporal decoders (a ``decode(z, num_frames)`` such as diffusers'
+      ``AutoencoderKLTemporalDecoder``) get ``num_frames=`` each chunk's frame count: a chunk
+      is decoded as a clip of its own, so chunked output differs from batched (measured in
+      docs/autoencoding.md: 20-24 dB PSNR with random weights).
+
 Example:
     >>> handle = apply_autoencode_policy(vae, encode="per-frame", decode="chunk:2+tile:256x256")
     >>> frames = vae.decode(z)              # runs chunked + tiled, same signature
@@ -51,7 +56,8 @@ import torch
 from ..plan.aemode import AEMode
 from .grid import tile_grid as _tile_grid
 from .tiling import blend_tiles
-from .vae_adapter import VAECall, downsample_factor, module_place
+from .vae_adapter import (VAECall, downsample_factor, module_place, takes_num_frames,
+                          without_num_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -275,12 +281,16 @@ def apply_autoencode_policy(vae, *, encode: AEMode | str = "batched",
 
 def _wrap(vae, name: str, original: Callable, mode: AEMode) -> Callable:
     f = downsample_factor(vae)
+    temporal = takes_num_frames(original)
 
     @functools.wraps(original)
     def wrapper(t, *args, **kwargs):
         if mode.is_batched or not torch.is_tensor(t) or t.dim() != 4:
             return original(t, *args, **kwargs)
-        caller = VAECall(lambda part: original(part, *args, **kwargs), decode=name == "decode")
+        # a temporal decoder's ``num_frames`` is the whole clip's; each chunk gets its own
+        args, kwargs = without_num_frames(original, args, kwargs)
+        caller = VAECall(lambda part, **frames: original(part, *args, **kwargs, **frames),
+                         decode=name == "decode", num_frames=temporal)
         result = _run(caller, t, mode, f, None, _prepare(vae), name)
         return caller.rebuild(result)
     # the chunk/tile loop stays eager; calls into the model below it can still be compiled

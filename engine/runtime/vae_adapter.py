@@ -8,12 +8,14 @@ wrapped ``encode``/``decode`` looks unchanged from outside.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
 __all__ = ["VAECall", "as_image", "as_moments", "decode_rebuilder", "downsample_factor",
-           "encode_rebuilder", "module_place", "posterior_of"]
+           "encode_rebuilder", "module_place", "posterior_of", "takes_num_frames",
+           "without_num_frames"]
 
 
 def as_image(raw) -> torch.Tensor:
@@ -84,15 +86,47 @@ def module_place(vae) -> tuple[torch.device | None, torch.dtype | None]:
     return p.device, (p.dtype if p.is_floating_point() else None)
 
 
-class VAECall:
-    """Calls the original VAE method, normalises its output and remembers its return type."""
+def takes_num_frames(method: Callable) -> bool:
+    """Whether ``method`` has a ``num_frames`` parameter (a temporal decoder such as diffusers'
+    ``AutoencoderKLTemporalDecoder.decode``, whose convolutions mix the frames of one call)."""
+    try:
+        return "num_frames" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # builtins and C callables
+        return False
 
-    def __init__(self, method: Callable, decode: bool):
+
+def without_num_frames(method: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call ``method(t, *args, **kwargs)`` minus its ``num_frames``
+    (positional or keyword), which a chunked call replaces with each chunk's frame count."""
+    if not takes_num_frames(method):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    if kwargs.pop("num_frames", None) is None and args:
+        names = [n for n in inspect.signature(method).parameters][1:]
+        if "num_frames" in names[:len(args)]:
+            i = names.index("num_frames")
+            args = args[:i] + args[i + 1:]
+    return args, kwargs
+
+
+class VAECall:
+    """Calls the original VAE method, normalises its output and remembers its return type.
+
+    Args:
+        method: the VAE's own ``encode`` or ``decode`` (or a call of it with fixed arguments).
+        decode: whether ``method`` decodes.
+        num_frames: pass ``num_frames=`` each call's frame count (temporal decoders); default:
+            whether ``method`` has that parameter.
+    """
+
+    def __init__(self, method: Callable, decode: bool, num_frames: bool | None = None):
         self.method, self.decode, self.rebuild = method, decode, None
         self.deterministic = False  # encode returned a plain latent, not a posterior
+        self.num_frames = takes_num_frames(method) if num_frames is None else num_frames
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        raw = self.method(t)
+        # a temporal decoder gets the frames of THIS call: a chunk is a clip of its own
+        raw = self.method(t, num_frames=t.shape[0]) if self.num_frames else self.method(t)
         if self.rebuild is None:
             self.rebuild = decode_rebuilder(raw) if self.decode else encode_rebuilder(raw)
             self.deterministic = not self.decode and torch.is_tensor(posterior_of(raw))

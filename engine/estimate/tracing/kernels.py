@@ -9,6 +9,10 @@ Two corrections keep a fake trace faithful to the real allocator:
   allocations were checked against the profiler are modelled. oneDNN (mkldnn) convolutions
   reorder inputs, weights and outputs to blocked layouts whose sizes depend on the CPU's ISA;
   they follow a layout heuristic checked on AVX-512 (see ``_mkldnn_conv_scratch``).
+* **Layouts.** Where a real kernel picks another output layout than its meta kernel (CPU
+  ``native_group_norm`` keeps a channels-last input channels-last) or ATen strides size-1 dims
+  otherwise than fakes do, :func:`real_layout` restrides the fake output (same storage), so
+  later layout-dependent choices (copies, oneDNN's NHWC path) follow the real run.
 * **Composite-compliance branches.** ATen's composite ops take out-of-place paths when an
   argument is a tensor subclass, which fake tensors are: ``linear`` on a non-contiguous input
   adds its bias out of place (an extra output-sized allocation) where real tensors use ``add_``.
@@ -19,15 +23,20 @@ Two corrections keep a fake trace faithful to the real allocator:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import make_channels_last_strides_for, suggest_memory_format
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_map_only
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDPA_BACKENDS", "FidelityMode", "has_workspace", "register_workspace", "workspace_bytes"]
+__all__ = ["SDPA_BACKENDS", "FidelityMode", "has_workspace", "real_layout", "register_workspace",
+           "workspace_bytes"]
 
 WorkspaceFn = Callable[[tuple, dict, Any], int]
 _WORKSPACES: dict[tuple[str, Any], WorkspaceFn] = {}
@@ -71,32 +80,53 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """ATen's ``suggest_memory_format`` (the layout CPU kernels pick for their outputs)."""
+    return suggest_memory_format(t) if t.dim() in (4, 5) else torch.contiguous_format
+
+
 def _cpu_conv_uses_mkldnn(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
                           transposed: bool, groups: int) -> bool:
-    """Mirror of ATen's ``ConvParams::use_mkldnn`` for float32 CPU tensors."""
+    """Mirror of ATen's ``ConvParams::use_mkldnn`` for CPU tensors (2-D and 3-D convolutions)."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    if x.dtype != torch.float32 or x.dim() != 4:
-        return x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    if x.dtype != torch.float32:
+        return False
     strided = any(s != 1 for s in stride)
     dilated = any(d != 1 for d in dilation)
     n, kh, kw = x.shape[0], w.shape[-2], w.shape[-1]
     not_1x1_single = (strided or dilated or n >= 16 or kw != 1 or kh != 1
                       or torch.get_num_threads() > 1)
-    big_enough = groups > 1 or (kw > 3 and kh > 3) or n > 1 or x.numel() > 20480
+    # ATen multiplies the first FOUR sizes (for a 3-D convolution: N*C*T*H, not the numel)
+    lead = x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3]
+    big_enough = groups > 1 or (kw > 3 and kh > 3) or n > 1 or lead > 20480
     return not_1x1_single and big_enough
 
 
 def _mkldnn_conv_scratch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> int:
     # oneDNN computes in channel-blocked layouts (16 channels per block with AVX-512, else 8):
-    # inputs with at least a block of channels and all weights are reordered, the output is
-    # produced blocked (padded channels) and then copied to the plain output.
+    # all weights are reordered blocked. On the plain (NCHW) path inputs with at least a block
+    # of channels are reordered too, and the output is produced blocked (padded channels) and
+    # then copied to the plain output. On the channels-last path (either operand channels-last,
+    # ``mkldnn_conv_use_channels_last``) oneDNN reads and writes NHWC directly; ATen first makes
+    # input and weight contiguous in that layout (a copy of the weight unless it is 1x1).
     block = 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
     pad = lambda c: -(-c // block) * block  # noqa: E731
     es = x.element_size()
     c_in, c_out = x.shape[1], out.shape[1]
-    x_copy = x.numel() // c_in * pad(c_in) * es if c_in >= block else 0
     w_copy = pad(c_out) * (pad(c_in) if c_in >= block else c_in) * w[0, 0].numel() * es
+    fmt = _memory_format(x)
+    if fmt == torch.contiguous_format:
+        fmt = _memory_format(w)
+    if fmt != torch.contiguous_format:
+        x_layout = 0 if x.is_contiguous(memory_format=fmt) else _nbytes(x)
+        w_layout = 0 if w.is_contiguous(memory_format=fmt) else _nbytes(w)
+        # plus oneDNN's scratchpad on this path: 4 KiB per thread and one more (measured)
+        threads = torch.get_num_threads()
+        return x_layout + w_layout + w_copy + 4096 * (threads + 1) + 24 * threads
+    x_copy = x.numel() // c_in * pad(c_in) * es if c_in >= block else 0
     out_tmp = out.numel() // c_out * pad(c_out) * es
     return max(x_copy + w_copy + out_tmp - _nbytes(out), out_tmp)
 
@@ -104,17 +134,32 @@ def _mkldnn_conv_scratch(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) ->
 @register_workspace("cpu", aten.convolution.default)
 def _cpu_convolution(args: tuple, kwargs: dict, out: Any) -> int:
     x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
-    if transposed or x.dim() != 4:
-        return 0  # only the 2-D forward convolution is modelled
+    if transposed or x.dim() not in (4, 5):
+        return 0  # only the 2-D and 3-D forward convolutions are modelled
     if _cpu_conv_uses_mkldnn(x, w, stride, padding, dilation, transposed, groups):
         return _mkldnn_conv_scratch(x, w, out)
-    copy = 0 if x.is_contiguous() else _nbytes(x)
-    kh, kw = w.shape[-2:]
-    if kh == kw == 1 and all(s == 1 for s in stride) and all(p == 0 for p in padding):
+    if x.dim() == 5 and any(d != 1 for d in dilation):
+        return 0  # slow_conv_dilated3d: not modelled
+    # slow_conv2d follows a channels-last input (copying the weight to match); slow_conv3d
+    # has no channels-last path and copies every non-contiguous input.
+    fmt = _memory_format(x) if x.dim() == 4 else torch.contiguous_format
+    copy = 0 if x.is_contiguous(memory_format=fmt) else _nbytes(x)
+    if fmt != torch.contiguous_format and not w.is_contiguous(memory_format=fmt):
+        copy += _nbytes(w)
+    kernel = w.shape[2:]
+    if (all(k == 1 for k in kernel) and all(s == 1 for s in stride)
+            and all(p == 0 for p in padding)):
         return copy  # a 1x1 convolution uses the input as its columns
-    # slow_conv2d builds im2col columns: (N, C_in * kh * kw, H_out * W_out)
-    columns = x.shape[0] * x.shape[1] * kh * kw * out.shape[-2] * out.shape[-1]
+    # im2col columns for the whole batch: (N, C_in * prod(kernel), prod(output spatial))
+    columns = x.shape[0] * x.shape[1] * math.prod(kernel) * math.prod(out.shape[2:])
     return copy + columns * x.element_size()
+
+
+@register_workspace("cpu", aten.native_layer_norm.default)
+def _cpu_layer_norm(args: tuple, kwargs: dict, out: Any) -> int:
+    # the CPU kernel reads ``input.expect_contiguous()``: a strided input is copied first
+    x = args[0]
+    return 0 if x.is_contiguous() else _nbytes(x)
 
 
 @register_workspace("cpu", aten._scaled_dot_product_flash_attention_for_cpu.default)
@@ -127,6 +172,87 @@ def _cpu_flash_attention(args: tuple, kwargs: dict, out: Any) -> int:
     per_thread = qs * kvs + 2 * qs + qs * head
     reduced = qs * kvs * q.element_size() if q.dtype in (torch.bfloat16, torch.float16) else 0
     return torch.get_num_threads() * (per_thread * accum + reduced)
+
+
+def _cpu_group_norm_layout(args: tuple, out: Any) -> Any:
+    # The CPU kernel writes its output in the input's suggested layout (``native_group_norm``:
+    # ``empty_like(X, memory_format=X.suggest_memory_format())``); the meta kernel always
+    # returns a contiguous tensor. A channels-last input (diffusers' attention blocks hand one
+    # to the next GroupNorm) stays channels-last for real, so everything after it would be
+    # traced in the wrong layout: copies and oneDNN reorders that never happen.
+    y, mean, rstd = out
+    fmt = _memory_format(args[0])
+    if fmt == torch.contiguous_format or y.is_contiguous(memory_format=fmt):
+        return out
+    # Same storage, restrided: the allocation the tracer follows is unchanged.
+    return aten.as_strided.default(y, y.shape, make_channels_last_strides_for(y.shape)), mean, rstd
+
+
+_LAYOUTS: dict[tuple[str, Any], Callable[[tuple, Any], Any]] = {
+    ("cpu", aten.native_group_norm.default): _cpu_group_norm_layout,
+}
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _aten_strides(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+    # Fake tensors compute output strides with Python references (``_prims_common``) that give
+    # size-1 dims other strides than ATen's C++ (``computeStride`` for views, TensorIterator's
+    # dimension order for pointwise ops): a (1, C, H, W) view of a transposed (1, HW, C)
+    # tensor has N-stride C for real, C*H*W fake. ``suggest_memory_format`` reads those
+    # strides (the real batch-1 tensor is NOT channels-last, the fake is), and with it
+    # ``group_norm``'s copy and every later kernel's layout. Meta tensors run ATen's own C++
+    # stride logic, so the op is re-run on meta stand-ins and size-1 strides are taken from it.
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if not any(isinstance(t, torch.Tensor) and t.dim() in (4, 5) and 1 in t.shape
+               for t in outs) or func._schema.is_mutable:
+        return out
+    try:
+        with _disable_current_modes():
+            margs, mkwargs = tree_map_only(torch.Tensor, _meta_like, (args, kwargs))
+            # a Python number where the schema takes a Tensor is a 0-dim CPU tensor for real
+            # (and TensorIterator orders dims differently for it than for a CPU scalar next
+            # to meta tensors): give the meta run a 0-dim meta tensor instead
+            margs = tuple(torch.tensor(a, device="meta")
+                          if isinstance(a, (int, float)) and not isinstance(a, bool)
+                          and isinstance(arg.type, torch.TensorType) else a
+                          for a, arg in zip(margs, func._schema.arguments))
+            mout = func(*margs, **mkwargs)
+    except Exception:  # noqa: BLE001 - no meta kernel: keep the fake's strides
+        return out
+    mouts = mout if isinstance(mout, (tuple, list)) else (mout,)
+    fixed = []
+    for t, m in zip(outs, mouts):
+        if (isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) and t.shape == m.shape
+                and t.stride() != m.stride()
+                and all(a == b or n == 1 for a, b, n in zip(t.stride(), m.stride(), t.shape))):
+            t = aten.as_strided.default(t, t.shape, m.stride(), t.storage_offset())
+        fixed.append(t)
+    if not isinstance(out, (tuple, list)):
+        return fixed[0]
+    return type(out)(fixed) if isinstance(out, tuple) else fixed
+
+
+def real_layout(func: Any, args: tuple, kwargs: dict, out: Any, device_type: str) -> Any:
+    """``out`` with the strides the real kernel of ``func`` gives on ``device_type``.
+
+    Meta kernels pick output layouts that some real kernels do not (checked on CPU for the
+    normalisation, pooling, interpolation, padding, convolution and pointwise ops a VAE or a
+    ResNet uses: only ``native_group_norm`` differs), and fakes stride size-1 dims otherwise
+    than ATen does. The output storage is kept, so sizes and lifetimes are unchanged; only
+    later ops see the layout the real run has.
+
+    Args:
+        func: the ATen overload that ran.
+        args: its positional arguments (fake tensors).
+        out: what the fake kernel returned.
+        device_type: the device type being planned for.
+    """
+    out = _aten_strides(func, args, kwargs, out)
+    fix = _LAYOUTS.get((device_type, func))
+    return fix(args, out) if fix is not None else out
 
 
 SDPA_BACKENDS = ("auto", "native", "flash", "efficient", "math")

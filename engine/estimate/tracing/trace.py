@@ -16,13 +16,16 @@ still alive when the next op starts, ``TEMPORARIES`` op outputs dropped before t
 (discarded statistics of norms, results nobody keeps) plus kernel scratch memory.
 
 What real kernels do that fakes do not show is corrected in :mod:`engine.estimate.tracing.kernels`:
-modelled workspaces (CPU im2col convolution, oneDNN reorders, CPU flash attention), the in-place
-bias add of ``linear`` and the choice of attention kernel. Validated on CPU against the
-profiler's allocation events (exact on the tested models); the CUDA path (512-byte blocks) is
-checked against ``active_bytes.all.peak`` only where a GPU is present.
+modelled workspaces (CPU im2col convolution in 2-D and 3-D, oneDNN reorders on the plain and the
+channels-last path, CPU flash attention, ``layer_norm`` of strided inputs), output layouts where
+real kernels and fakes differ (``group_norm`` keeps channels-last on CPU; ATen's strides of size-1
+dims), the in-place bias add of ``linear`` and the choice of attention kernel. Validated on CPU
+against the profiler's allocation events (exact on the tested models, ours and foreign ones:
+``benchmarks/foreign_modules.py``); the CUDA path (512-byte blocks) is checked against
+``active_bytes.all.peak`` only where a GPU is present.
 
 Known limitations: scratch memory of unmodelled kernels is invisible (cuBLAS/cuDNN workspaces,
-the CUDA context, the slow CPU 3-D and transposed convolutions); ``UntypedStorage.resize_``
+the CUDA context, CPU transposed and dilated 3-D convolutions); ``UntypedStorage.resize_``
 called directly bypasses dispatch; data-dependent ops (``.item()``, ``nonzero``) cannot run on
 fake tensors and raise; modules swapped to fakes are fakes for every thread while tracing, so do
 not trace a module another thread is running.
@@ -50,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .allocator import allocation_bytes, segment_overhead_bytes
 from .fake import FakeConverter, ModuleSwap, normalize_device
-from .kernels import FidelityMode, workspace_bytes
+from .kernels import FidelityMode, real_layout, workspace_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ class _LifetimeMode(TorchDispatchMode):
         if func.namespace == "prim":
             return func(*args, **kwargs)  # metadata queries (``prim.device``): no kernel runs
         tracer._op_count += 1
-        out = func(*args, **kwargs)
+        out = real_layout(func, args, kwargs, func(*args, **kwargs), tracer.device.type)
         tracer._after_op(func, args, kwargs, out)
         return out
 

@@ -36,8 +36,9 @@ def hash_extra(dtype: torch.dtype, device_type: str) -> dict[str, Any]:
     """The settings besides the architecture that a VAE fit depends on (its key's ``extra``)."""
     import torch
 
+    # the tracer's kernel and layout corrections shape every fitted law: edit them and refit
     extra = {"dtype": str(dtype), "device_type": device_type, "torch": torch.__version__,
-             "runtime": _runtime_digest()}
+             "runtime": _runtime_digest(), "tracer": code_digest("estimate/tracing/*.py")}
     if device_type == "cpu":
         # oneDNN's layout blocks and its use for small convolutions depend on these
         extra.update(isa=torch.backends.cpu.get_cpu_capability(),

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map_only
 
 from ...plan.aemode import AEMode
 from ...runtime.autoencode import decode_frames, encode_frames, remove_autoencode_policy
+from ...runtime.vae_adapter import takes_num_frames
 from ..tracing.allocator import allocation_bytes, segment_overhead_bytes
 from ..tracing.kernels import has_workspace, workspace_bytes
 from ..tracing.trace import MemKind, Tracer
@@ -104,7 +105,7 @@ class _Where:
         self.in_call += 1
         self.outside = [_IN_CALL, 0]
         try:
-            return method(twin, x, *args, **kwargs)
+            return method(twin, x, *args, **kwargs, **_frames_of(method, x, kwargs))
         finally:
             self.in_call -= 1
             self.outside = [_IN_CALL if self.in_call else _WRAPPER, 0]
@@ -147,8 +148,17 @@ def _shortcut_outputs(twin: nn.Module, jobs: list, channels: tuple[int, int], f:
         if key not in out:
             with torch.no_grad():
                 x = torch.empty(shape, device="meta", dtype=dtype)
-                out[key] = getattr(type(twin), job.direction)(twin, x)
+                method = getattr(type(twin), job.direction)
+                out[key] = method(twin, x, **_frames_of(method, x, {}))
     return out
+
+
+def _frames_of(method: Any, x: torch.Tensor, kwargs: dict) -> dict[str, int]:
+    """``num_frames=`` for a temporal decoder (the wrapper above hides its signature from the
+    runtime, which would pass each call's frame count), else nothing."""
+    if "num_frames" in kwargs or not takes_num_frames(method):
+        return {}
+    return {"num_frames": x.shape[0]}
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
