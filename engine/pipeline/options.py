@@ -66,7 +66,7 @@ def _typed(field: str, value):
     if field in _INTS and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if field in _FLOATS and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        return value if isinstance(value, (int, float)) else float(value)  # 0 stays 0 in messages
     if field in _STRS and isinstance(value, str):
         return value
     if field not in _INTS + _FLOATS + _STRS:
