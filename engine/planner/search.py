@@ -96,7 +96,7 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     name = _namer(names)
     _check_arguments(spec, height, width, frames, device, steps, reserve_bytes, host_bytes, force, mode, name)
     work = Workload.for_spec(spec, height, width, frames, steps=steps, mode=mode, guidance=guidance)
-    forced = parse_force(force, (names or {}).get("force") or "force")
+    forced = parse_force(force, (names or {}).get("force") or "--force")  # its long-standing name
     reserve = default_reserve(device, reserve_bytes)
     budget = device.total_bytes - reserve
     if device.free_bytes is not None:  # a probed device: what other programs hold is not ours
