@@ -6,10 +6,21 @@ import math
 import numbers
 import secrets
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Union
 
 from ..errors import InvalidArgument, WrongType
 from ..plan.settings import TIMESTEP_SPACINGS, GenerationMode
 
+if TYPE_CHECKING:  # no torch, numpy or PIL imported to plan
+    import os
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]  # what prepare_image reads
+else:  # at run time the annotation must resolve without those imports (typing.get_type_hints)
+    ImageInput = object
 
 MODES = tuple(m.value for m in GenerationMode)  # from the plan's vocabulary: no torch to plan
 SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed's range
@@ -35,8 +46,8 @@ _EXAMPLE = {"height": 320, "width": 512, "frames": 16, "steps": 50, "fs": 24, "s
 class GenerateOptions:
     """What to generate. ``None`` fields take the model config's defaults (DynamiCrafter's run.sh)."""
 
-    image: str | None = None
-    image2: str | None = None
+    image: ImageInput | None = None  # a path, a PIL image, a numpy array or a torch tensor
+    image2: ImageInput | None = None
     prompt: str = ""
     mode: str = "i2v"
     height: int | None = None
