@@ -216,14 +216,19 @@ def _generate_and_write(args, model, opts, plan, state, max_memory) -> int:
 
     from ..pipeline.generate import generate
     from ..pipeline.resume import Interrupted
+    from ..runtime.recovery import OutOfMemory
     from ..pipeline.video_io import to_uint8_frames, write_png_frames, write_video
 
     try:
         result = generate(model, opts, plan, device=args.device, progress=not args.quiet,
                           max_memory=max_memory, resume=state)
-    except Interrupted as stop:
+    except (Interrupted, OutOfMemory) as stop:
+        why = str(stop).replace("`max_memory`", "`--max-memory`").rstrip(".")  # the CLI's flag
+        if getattr(stop, "state", None) is None or stop.state.latents.numel() == 0:
+            print(f"engine generate: error: {why}.", file=sys.stderr)  # refused before any work to save
+            return 2
         saved = stop.state.save(Path(args.out).expanduser().with_suffix(".resume.pt"))
-        print(f"engine generate: {stop}; continue with: engine generate --config {args.config} "
+        print(f"engine generate: {why}; the run is saved, continue with: engine generate --config {args.config} "
               f"{'--ckpt ' + args.ckpt + ' ' if args.ckpt else ''}--resume {saved} --out {args.out}",
               file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 2

@@ -113,8 +113,9 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         progress: show the DDIM progress bar.
 
     Raises:
-        Interrupted: Ctrl-C, SIGTERM or an out-of-memory error after every re-plan stopped the
-            run; ``.state`` holds the finished steps (save it and pass it as ``resume``).
+        Interrupted: Ctrl-C or SIGTERM stopped the run; ``.state`` holds the finished steps (save it
+            and pass it as ``resume``).
+        OutOfMemory: a stage ran out of memory after every re-plan; it carries ``.state`` too.
 
     Example:
         >>> plan = make_plan(spec, 320, 512, 16, catalog_device("rtx-4060-laptop"))
@@ -133,8 +134,11 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
             video = _run_stages(model, opts, run, progress, counts, progress_)
         except _StopRequested:
             video = None
-        except (KeyboardInterrupt, OutOfMemory) as err:
+        except KeyboardInterrupt as err:
             raise progress_.interrupted(run, err) from err
+        except OutOfMemory as err:  # after every re-plan: the error says why; ``.state`` keeps the work
+            err.state = progress_.state(run)
+            raise
         except torch.OutOfMemoryError as err:  # outside any stage (inputs, noise): nothing to re-plan
             raise OutOfMemory(f"`max_memory` left no room for the run's inputs ({err}); raise it or lower "
                               "the resolution or frame count.") from err

@@ -74,8 +74,8 @@ class RunState:
 
 
 class Interrupted(EngineError):
-    """The run stopped before its video (Ctrl-C, SIGTERM, or out of memory after every re-plan);
-    ``state`` is what it finished, to save and resume."""
+    """The run stopped before its video (Ctrl-C, SIGTERM); ``state`` is what it finished, to save
+    and resume (an ``OutOfMemory`` after every re-plan carries a ``state`` as well)."""
 
     def __init__(self, message: str, state: RunState, cause: BaseException | None = None):
         super().__init__(message)
