@@ -49,6 +49,17 @@ def candidate_settings(device: DeviceSpec, forced, perframe_ae: bool) -> list[Se
     return list(dict.fromkeys(out))  # forced keys collapse duplicates
 
 
+def _check_runs_on(device: DeviceSpec, forced, argument: str) -> None:
+    """xformers has no CPU kernels: a forced xformers layer (the reference's spatial attention)
+    cannot be planned, let alone run, on a CPU device; say so before any fit is traced."""
+    probe = forced.apply(reference_settings(False) if forced.reference else Settings())
+    if device.kind == "cpu" and Attention.XFORMERS in (probe.spatial_attention, probe.temporal_attention):
+        what = "`reference` (xformers spatial attention)" if forced.reference else "xformers attention"
+        raise InvalidArgument(f"`{argument}` {what} needs a CUDA device and this plan is for the CPU; add "
+                              "spatial_attention=sdpa (e.g. reference,spatial_attention=sdpa) or plan for "
+                              "a card with --gpu.")
+
+
 def _unet_calls(s: Settings, w: Workload) -> tuple[int, int]:
     """(UNet calls per step, batch of each call)."""
     branches = 2 if w.guidance else 1
@@ -97,6 +108,7 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     _check_arguments(spec, height, width, frames, device, steps, reserve_bytes, host_bytes, force, mode, name)
     work = Workload.for_spec(spec, height, width, frames, steps=steps, mode=mode, guidance=guidance)
     forced = parse_force(force, (names or {}).get("force") or "--force")  # its long-standing name
+    _check_runs_on(device, forced, (names or {}).get("force") or "--force")
     reserve = default_reserve(device, reserve_bytes)
     budget = device.total_bytes - reserve
     if device.free_bytes is not None:  # a probed device: what other programs hold is not ours
@@ -262,7 +274,7 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         weights_on = resident_bytes(name, weights, s.offload, block_res)
         # DynamiCrafter's weights require grad: autocast keeps fp16 copies of them (see estimators)
         cache = (est.autocast_cache_bytes() if s.autocast_weight_cache and s.precision is Precision.FP32_AUTOCAST
-                 and name in ("denoise", "vae_decode") else 0)
+                 and device.kind != "cpu" and name in ("denoise", "vae_decode") else 0)  # no CPU autocast
         resident = weights_on + carried + cache
         cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
         left = budget - terms.cuda_context_bytes - cached_free
