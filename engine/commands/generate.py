@@ -64,9 +64,8 @@ def _force(args) -> str | None:
 def _device_for(args, max_memory: int | None):
     """The probed device (``--device``, already checked by :func:`run_device`), capped at
     ``--max-memory`` when given."""
-    from dataclasses import replace
-
     from ..device import probe_cpu, probe_device
+    from ..device.probe import capped
 
     if args.device == "cpu":
         device = probe_cpu()
@@ -75,10 +74,7 @@ def _device_for(args, max_memory: int | None):
         if device.kind != "cuda":  # torch sees the GPU but the driver's management library does not
             raise InvalidArgument(f"`--device` {args.device!r} could not be probed (no NVIDIA driver "
                                   "answered); check nvidia-smi, or use --device cpu.")
-    if max_memory is None:
-        return device
-    free = max_memory if device.free_bytes is None else min(device.free_bytes, max_memory)
-    return replace(device, total_bytes=min(device.total_bytes, max_memory), free_bytes=free)
+    return capped(device, max_memory)
 
 
 def plan_for(args, spec, opts, max_memory: int | None = None):

@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,9 @@ def calibration_dir() -> Path:
     """``$ENGINE_CALIBRATION_DIR``, else ``calibration/`` in the fit cache's directory."""
     if os.environ.get("ENGINE_CALIBRATION_DIR"):
         return Path(os.environ["ENGINE_CALIBRATION_DIR"]).expanduser()
-    env = os.environ.get("ENGINE_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("engine"))
-    return root / "calibration"
+    from ..estimate.laws.cache import default_cache_dir  # torch-free, like the warm plan
+
+    return default_cache_dir() / "calibration"
 
 
 def device_key(device) -> str:

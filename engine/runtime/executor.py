@@ -82,8 +82,7 @@ class Run:
         why = (f"free memory fell to {format_bytes(available)} since planning; the plan predicted "
                f"{format_bytes(predicted.peak_bytes)} for {name}")
         self.adjustments.append(Adjustment(name, None, self.settings, new, why))
-        log.warning("%s: %s; continuing with %s", name, why,
-                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.adjustments[-1].changes().items()))
+        log.warning("%s: %s; continuing with %s", name, why, self.adjustments[-1].describe_changes())
         self._reapply(new)
 
     @property
@@ -136,9 +135,7 @@ class Run:
         why = f"out of memory: {error}" + ("; retried after freeing memory" if new == self.settings else "")
         adjustment = Adjustment(name, step, self.settings, new, why)
         log.warning("%s ran out of memory%s; continuing with %s", name,
-                    "" if step is None else f" at step {step}",
-                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in adjustment.changes().items())
-                    or "the same settings after freeing memory")
+                    "" if step is None else f" at step {step}", adjustment.describe_changes())
         self.adjustments.append(adjustment)
         self._reapply(new)
         return new

@@ -44,6 +44,11 @@ class Adjustment:
         old, new = self.old.to_dict(), self.new.to_dict()
         return {k: (str(old[k]), str(new[k])) for k in old if old[k] != new[k]}
 
+    def describe_changes(self) -> str:
+        """``cfg batched -> sequential, ...`` (or that the settings stayed, for a retry)."""
+        return (", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes().items())
+                or "the same settings after freeing memory")
+
     def to_dict(self) -> dict:
         return {"stage": self.stage, "step": self.step, "old": self.old.to_dict(), "new": self.new.to_dict(),
                 "changes": {k: list(v) for k, v in self.changes().items()}, "reason": self.reason}
