@@ -42,8 +42,10 @@ def _error(capsys, argv, monkeypatch=None, *, before_planning=True) -> str:
 @pytest.mark.parametrize("flag, value, message", [
     ("--steps", "0", "`--steps` 0 must be between 1 and"),
     ("--frames", "0", "`--frames` 0 must be at least 1"),
-    ("--fps", "0", "`--fps` 0 must be at least 1"),
-    ("--fs", "0", "`--fs` 0 must be at least 1"),
+    ("--fps", "0", "`--fps` 0 must be between 1 and 240"),
+    ("--fps", str(2 ** 64), "`--fps` 18446744073709551616 must be between 1 and 240"),
+    ("--fs", "0", "`--fs` 0 must be between 1 and 1000"),
+    ("--fs", str(2 ** 64), "`--fs` 18446744073709551616 must be between 1 and 1000"),
     ("--cfg", "0", "`--cfg` 0.0 must be positive"),
     ("--cfg", "nan", "`--cfg` nan is not a finite number"),
     ("--eta", "inf", "`--eta` inf is not a finite number"),

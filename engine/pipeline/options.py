@@ -24,6 +24,7 @@ else:  # at run time the annotation must resolve without those imports (typing.g
 
 MODES = tuple(m.value for m in GenerationMode)  # from the plan's vocabulary: no torch to plan
 SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed's range
+FPS_LIMIT = 240  # above this GIF frame durations (10 ms units) and players stop keeping time
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +182,13 @@ def _check_values(opts: GenerateOptions, spec, name) -> None:
     if not 0.0 <= opts.guidance_rescale <= 1.0:
         raise InvalidArgument(f"`{name('guidance_rescale')}` {opts.guidance_rescale} must be between 0 and 1; "
                               "DynamiCrafter uses 0.7 (512, 1024) and 0 (256).")
-    if opts.fs < 1:
-        raise InvalidArgument(f"`{name('fs')}` {opts.fs} must be at least 1; this config's default is "
-                              f"{default_fs(spec, opts.mode)} (larger means {_fs_meaning(spec)}).")
-    if opts.fps < 1:
-        raise InvalidArgument(f"`{name('fps')}` {opts.fps} must be at least 1; 8 is DynamiCrafter's default.")
+    # fs is embedded like a diffusion timestep, so it is bounded by the schedule's length
+    if not 1 <= opts.fs <= spec.timesteps:
+        raise InvalidArgument(f"`{name('fs')}` {opts.fs} must be between 1 and {spec.timesteps}; this config's "
+                              f"default is {default_fs(spec, opts.mode)} (larger means {_fs_meaning(spec)}).")
+    if not 1 <= opts.fps <= FPS_LIMIT:
+        raise InvalidArgument(f"`{name('fps')}` {opts.fps} must be between 1 and {FPS_LIMIT}; 8 is "
+                              "DynamiCrafter's default.")
     if opts.timestep_spacing not in TIMESTEP_SPACINGS:
         raise InvalidArgument(f"`{name('timestep_spacing')}` {opts.timestep_spacing!r} is unknown; use one of "
                               f"{', '.join(TIMESTEP_SPACINGS)}.")
