@@ -77,9 +77,10 @@ class FakeConverter:
         with _disable_current_modes():
             fake = self.fake_mode.fake_tensor_converter.from_meta_and_device(
                 self.fake_mode, self._meta_twin(t), self.device)
-            if isinstance(t, nn.Parameter):
-                fake = nn.Parameter(fake, requires_grad=t.requires_grad)
-            elif t.requires_grad and t.is_leaf:
+            # A parameter's fake stays a plain fake tensor: wrapping it in ``nn.Parameter`` costs
+            # a dispatched detach per weight (a third of a UNet trace) and forward code only
+            # reads it. ``requires_grad`` is kept: autocast caches casts of such leaves only.
+            if t.requires_grad and t.is_leaf:
                 fake.requires_grad_(True)
         self._memo[t] = fake
         if self._on_new is not None:

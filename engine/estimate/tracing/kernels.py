@@ -197,18 +197,29 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _aten_strides(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-    # Fake tensors compute output strides with Python references (``_prims_common``) that give
-    # size-1 dims other strides than ATen's C++ (``computeStride`` for views, TensorIterator's
-    # dimension order for pointwise ops): a (1, C, H, W) view of a transposed (1, HW, C)
-    # tensor has N-stride C for real, C*H*W fake. ``suggest_memory_format`` reads those
-    # strides (the real batch-1 tensor is NOT channels-last, the fake is), and with it
-    # ``group_norm``'s copy and every later kernel's layout. Meta tensors run ATen's own C++
-    # stride logic, so the op is re-run on meta stand-ins and size-1 strides are taken from it.
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    if not any(isinstance(t, torch.Tensor) and t.dim() in (4, 5) and 1 in t.shape
-               for t in outs) or func._schema.is_mutable:
-        return out
+_META_STRIDES: dict[tuple, tuple] = {}  # metadata key -> per output (shape, strides) or None
+_META_STRIDES_MAX = 200_000
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _metadata_key(obj: Any) -> Any:
+    """A hashable key of what an op's output strides can depend on (tensors by shape, strides,
+    offset and dtype), or None when ``obj`` holds something else."""
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        parts = tuple(_metadata_key(o) for o in obj)
+        return None if any(p is None and o is not None for p, o in zip(parts, obj)) else (type(obj), parts)
+    if isinstance(obj, dict):
+        return _metadata_key(tuple(sorted(obj.items())))
+    if isinstance(obj, _PLAIN) or isinstance(obj, torch._ops.OpOverload):
+        return obj
+    return None
+
+
+def _meta_strides(func: Any, args: tuple, kwargs: dict) -> tuple:
+    """Per output of ``func``: ``(shape, strides)`` ATen's C++ gives it on meta stand-ins of the
+    arguments, or None (not a tensor, or no meta kernel)."""
     try:
         with _disable_current_modes():
             margs, mkwargs = tree_map_only(torch.Tensor, _meta_like, (args, kwargs))
@@ -221,18 +232,45 @@ def _aten_strides(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
                           for a, arg in zip(margs, func._schema.arguments))
             mout = func(*margs, **mkwargs)
     except Exception:  # noqa: BLE001 - no meta kernel: keep the fake's strides
-        return out
+        return ()
     mouts = mout if isinstance(mout, (tuple, list)) else (mout,)
+    return tuple((tuple(m.shape), m.stride()) if isinstance(m, torch.Tensor) else None for m in mouts)
+
+
+def _aten_strides(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+    # Fake tensors compute output strides with Python references (``_prims_common``) that give
+    # size-1 dims other strides than ATen's C++ (``computeStride`` for views, TensorIterator's
+    # dimension order for pointwise ops): a (1, C, H, W) view of a transposed (1, HW, C)
+    # tensor has N-stride C for real, C*H*W fake. ``suggest_memory_format`` reads those
+    # strides (the real batch-1 tensor is NOT channels-last, the fake is), and with it
+    # ``group_norm``'s copy and every later kernel's layout. Meta tensors run ATen's own C++
+    # stride logic, so the op is re-run on meta stand-ins and size-1 strides are taken from it.
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if not any(isinstance(t, torch.Tensor) and t.dim() in (4, 5) and 1 in t.shape
+               for t in outs) or func._schema.is_mutable:
+        return out
+    # the same op on the same metadata gives the same strides: a VAE or UNet repeats its layers
+    key = _metadata_key((func, args, kwargs))
+    meta = _META_STRIDES.get(key) if key is not None else None
+    if meta is None:
+        meta = _meta_strides(func, args, kwargs)
+        if key is not None:
+            if len(_META_STRIDES) > _META_STRIDES_MAX:
+                _META_STRIDES.clear()
+            _META_STRIDES[key] = meta
+    if not meta:
+        return out  # no meta kernel: keep the fake's strides
     fixed = []
-    for t, m in zip(outs, mouts):
-        if (isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) and t.shape == m.shape
-                and t.stride() != m.stride()
-                and all(a == b or n == 1 for a, b, n in zip(t.stride(), m.stride(), t.shape))):
-            t = aten.as_strided.default(t, t.shape, m.stride(), t.storage_offset())
+    for t, m in zip(outs, meta):
+        if (isinstance(t, torch.Tensor) and m is not None and tuple(t.shape) == m[0]
+                and t.stride() != m[1]
+                and all(a == b or n == 1 for a, b, n in zip(t.stride(), m[1], t.shape))):
+            t = aten.as_strided.default(t, t.shape, m[1], t.storage_offset())
         fixed.append(t)
     if not isinstance(out, (tuple, list)):
         return fixed[0]
-    return type(out)(fixed) if isinstance(out, tuple) else fixed
+    # a plain tuple also for ATen's named return types: what the dispatcher hands back anyway
+    return tuple(fixed) if isinstance(out, tuple) else fixed
 
 
 def real_layout(func: Any, args: tuple, kwargs: dict, out: Any, device_type: str) -> Any:

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from .trace import MemKind, Tracer
 
@@ -87,7 +86,6 @@ class LogTracer(Tracer):
         super()._reset_state()
         self.log = TraceLog()
         self._rid: dict[int, int] = {}
-        self._flops_seen = 0
 
     def _alloc(self, key: int, storage: torch.UntypedStorage, size: int) -> None:
         self._rid[key] = len(self.log.raw)
@@ -106,15 +104,10 @@ class LogTracer(Tracer):
         self.log.transients.append((len(self.log.events), self._op_count, int(size)))
         super()._transient(size)
 
-    def _after_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        super()._after_op(func, args, kwargs, out)
-        total = self._flops.get_total_flops()
-        self.log.op_flops.append(int(total - self._flops_seen))
-        self._flops_seen = total
-        if not func.is_view:
-            flat = tree_flatten((args, kwargs, out))[0]
-            self.log.moved.extend(t.numel() * t.element_size() for t in flat
-                                  if isinstance(t, torch.Tensor))
+    def _after_op(self, func: Any, args: Any, kwargs: Any, out: Any, inputs: list[torch.Tensor]) -> None:
+        super()._after_op(func, args, kwargs, out, inputs)
+        self.log.op_flops.append(self._last_op_flops)
+        self.log.moved.extend(self._last_moved)
         if func is aten._to_copy.default and isinstance(out, torch.Tensor) and out.dtype in _HALF:
             key = args[0].untyped_storage()._cdata
             if self._pre.get(key, (0, None))[1] is MemKind.WEIGHTS:

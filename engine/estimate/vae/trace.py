@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map_only
 
 from ...plan.aemode import AEMode
@@ -146,11 +148,23 @@ def _shortcut_outputs(twin: nn.Module, jobs: list, channels: tuple[int, int], f:
                              channels, f)
         key = (job.direction, shape)
         if key not in out:
-            with torch.no_grad():
+            with torch.no_grad(), _ShapeOnlyNorms():
                 x = torch.empty(shape, device="meta", dtype=dtype)
                 method = getattr(type(twin), job.direction)
                 out[key] = method(twin, x, **_frames_of(method, x, {}))
     return out
+
+
+class _ShapeOnlyNorms(TorchFunctionMode):
+    """Group norms of meta tensors answered by ``empty_like``: their meta kernel is a Python
+    reference that takes most of a meta VAE call's time, and a shortcut needs only the call's
+    output shapes and dtypes (a group norm keeps both)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.group_norm and args[0].device.type == "meta":
+            return torch.empty_like(args[0])
+        return func(*args, **kwargs)
 
 
 def _frames_of(method: Any, x: torch.Tensor, kwargs: dict) -> dict[str, int]:
@@ -165,36 +179,30 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-class _OpRecorder(TorchDispatchMode):
+class _OpRecorder:
     """Records, per dispatched op, its phase, the VAE calls started so far and kernel scratch.
 
-    Entered inside the :class:`Tracer`, so it sees exactly the ops the tracer's timeline lists
-    (both skip ``prim`` metadata queries) and the two lists align one to one.
+    Listens to the :class:`Tracer` (:meth:`Tracer.listening`), so it sees exactly the ops the
+    tracer's timeline lists and the two lists align one to one.
     """
 
     def __init__(self, where: _Where, device_type: str) -> None:
-        super().__init__()
         self.where, self.device_type = where, device_type
         self.labels: list[str] = []
         self.calls: list[int] = []
         self.scratch: list[int] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func.namespace != "prim":
-            self.labels.append(self.where.label(func.__name__.split(".")[0]))
-            self.calls.append(self.where.calls)
-            size = 0
-            if has_workspace(func, self.device_type):
-                # The scratch models index tensors (``w[0, 0]``): on fakes that is a full fake
-                # dispatch the tracer would also record, so they read plain meta stand-ins.
-                with _disable_current_modes():
-                    margs, mkwargs, mout = tree_map_only(torch.Tensor, _meta_like,
-                                                         (args, kwargs, out))
-                    size = workspace_bytes(func, margs, mkwargs, mout, self.device_type)
-            self.scratch.append(allocation_bytes(size, self.device_type) if size else 0)
-        return out
+    def __call__(self, func, args, kwargs, out) -> None:
+        self.labels.append(self.where.label(func.__name__.split(".")[0]))
+        self.calls.append(self.where.calls)
+        size = 0
+        if has_workspace(func, self.device_type):
+            # The scratch models index tensors (``w[0, 0]``): on fakes that is a full fake
+            # dispatch the tracer would also record, so they read plain meta stand-ins.
+            with _disable_current_modes():
+                margs, mkwargs, mout = tree_map_only(torch.Tensor, _meta_like, (args, kwargs, out))
+                size = workspace_bytes(func, margs, mkwargs, mout, self.device_type)
+        self.scratch.append(allocation_bytes(size, self.device_type) if size else 0)
 
 
 # ---------------------------------------------------------------- tracing the fit shapes
@@ -249,7 +257,7 @@ def _run_traces(twin: nn.Module, jobs: list[TraceJob], device_type: str, dtype: 
     try:
         with torch.no_grad(), tracer:
             tracer.track_modules(twin)
-            with recorder:
+            with tracer.listening(recorder):
                 for job, meta in zip(jobs, metas):
                     x = convert(meta)
                     run = decode_frames if job.direction == "decode" else encode_frames
