@@ -203,20 +203,43 @@ class Estimators:
                                  precision=precision, attention=attention, cfg_batch=batch)
         return StageWork(e.activation_bytes, e.flops, e.bytes_moved)
 
-    def _vae(self, precision: str):
+    def vae_dtype(self, precision: str) -> str:
+        """The dtype the VAE laws of ``precision`` are fitted in (bf16 bytes equal fp16 bytes)."""
+        return _dtype_name(precision)
+
+    def vae_fitted(self, precision: str) -> bool:
+        """Whether the VAE laws of ``precision`` are loaded or in the cache (read without torch;
+        loaded when found)."""
         from ..estimate.vae import VAEMemoryModel
         from ..estimate.vae.keys import index_key
 
         dtype = _dtype_name(precision)
         if dtype not in self._vae_memory:
-            index = index_key(self.spec.vae, dtype, self.device_type)
-            model = VAEMemoryModel.from_index(index, cache=self._cache)
+            model = VAEMemoryModel.from_index(index_key(self.spec.vae, dtype, self.device_type),
+                                              cache=self._cache)
             if model is None:
-                with self._progress(f"VAE encode and decode laws ({dtype})"):
-                    model = VAEMemoryModel.for_vae(self._meta_vae(), device_type=self.device_type,
-                                                   dtype=_torch_dtype(precision), cache=self._cache,
-                                                   index_key=index)
+                return False
             self._vae_memory[dtype] = model
+        return True
+
+    def silence(self, progress) -> None:
+        """Report cold fits through ``progress`` instead of the progress bar (a helper process)."""
+        self._progress = progress
+        self.stages._progress = progress
+
+    def vae_memory(self, precision: str):
+        """The VAE memory model of ``precision``: loaded from the cache, else fitted."""
+        from ..estimate.vae import VAEMemoryModel
+        from ..estimate.vae.keys import index_key
+
+        dtype = _dtype_name(precision)
+        if not self.vae_fitted(precision):
+            index = index_key(self.spec.vae, dtype, self.device_type)
+            with self._progress(f"VAE encode and decode laws ({dtype})"), self._cache.fitting(index):
+                # fitted meanwhile by another process (see :mod:`engine.planner.fit_ahead`)?
+                self._vae_memory[dtype] = VAEMemoryModel.from_index(index, cache=self._cache) or \
+                    VAEMemoryModel.for_vae(self._meta_vae(), device_type=self.device_type,
+                                           dtype=_torch_dtype(precision), cache=self._cache, index_key=index)
         return self._vae_memory[dtype]
 
     @functools.lru_cache(maxsize=1)
@@ -258,7 +281,7 @@ class Estimators:
     def _vae_flop_terms(self, precision: str) -> dict:
         """Per-frame FLOPs as ``a*hw + b*hw^2`` over latent pixels, read off the VAE memory
         model's FLOP laws at two sizes (no extra trace)."""
-        f, mem, terms = self.spec.vae.downsample_factor, self._vae(precision), {}
+        f, mem, terms = self.spec.vae.downsample_factor, self.vae_memory(precision), {}
         for direction in ("decode", "encode"):
             (h1, y1), (h2, y2) = [(s * s, mem.flops(direction, 1, s * f, s * f, "batched")) for s in (16, 64)]
             b = (y2 / h2 - y1 / h1) / (h2 - h1)
@@ -268,7 +291,7 @@ class Estimators:
     @functools.lru_cache(maxsize=8)
     def _ae_models(self, precision: str) -> dict:
         """The AE memory and time models of ``precision``, remembering their predictions."""
-        return {"memory_model": _Remembering(self._vae(precision), ("predict", "flops")),
+        return {"memory_model": _Remembering(self.vae_memory(precision), ("predict", "flops")),
                 "time_model": _Remembering(self._time_model(precision), ("predict", "breakdown"))}
 
     def autoencode(self, direction, frames, height, width, precision, *, forced, budget_bytes,
@@ -279,7 +302,7 @@ class Estimators:
         asked = (direction, frames, height, width, precision, forced, budget_bytes, resident_bytes)
         if asked in self._ae_choices:  # a repeated plan asks again
             return self._ae_choices[asked]
-        vae_weights = self._vae(precision).weights_bytes
+        vae_weights = self.vae_memory(precision).weights_bytes
         # the AE memory model counts the VAE's own weights and input; the planner's resident
         # bytes include the VAE weights, so they are taken out here and added back below
         args = dict(budget_bytes=max(1, budget_bytes), resident_bytes=max(0, resident_bytes - vae_weights),
@@ -294,10 +317,13 @@ class Estimators:
         self._ae_choices[asked] = work
         return work
 
-    def assumptions(self) -> list[str]:
-        """What the plan assumed. A plan asks for them last, so this also ends the progress bar
-        of a cold plan's fits."""
+    def fits_done(self) -> None:
+        """End the progress bar of a cold plan's fits (a plan that fails ends it too, so that its
+        error starts on a line of its own)."""
         self._progress.close()
+
+    def assumptions(self) -> list[str]:
+        """What the plan assumed (asked for once every stage is estimated)."""
         notes = list(dict.fromkeys(self._notes))
         if self.device.kind == "cuda":
             t = self.device_terms()

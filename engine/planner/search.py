@@ -20,6 +20,7 @@ from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, p
                              reference_settings)
 from ..plan.stages import STAGE_NAMES
 from .calibration import CalibrationStore, corrected
+from .fit_ahead import helper_jobs, reap, start_helper
 from .costs import DeviceTerms, reserved_after, resident_bytes, roofline_seconds, transfer_bytes
 
 
@@ -118,9 +119,16 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     est = estimators or Estimators.for_spec(spec, device)
     store = CalibrationStore(device, work.config_digest) if calibrate and device.source == "probe" else None
     fitting, rejected = [], []
-    for cand in candidate_settings(device, forced, spec.perframe_ae):
-        chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes, store)
-        (rejected if reason else fitting).append((chosen, stages, reason))
+    candidates = candidate_settings(device, forced, spec.perframe_ae)
+    # a cold cache: a helper process fits the VAE and batch-1 UNet laws while this one fits the rest
+    helper = start_helper(est, helper_jobs(est, candidates, work, lambda s: _unet_calls(s, work)[1]))
+    try:
+        for cand in candidates:
+            chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes, store)
+            (rejected if reason else fitting).append((chosen, stages, reason))
+    finally:
+        reap(helper)
+        est.fits_done()
     if fitting:
         best, stages, _ = _fastest(fitting)
         chosen_time = sum(x.time_s for x in stages)

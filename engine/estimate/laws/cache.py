@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import platformdirs
 
@@ -35,12 +35,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "architecture_hash", "code_digest",
-           "default_cache_dir", "torch_version"]
+__all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "FitHeldElsewhere", "architecture_hash", "code_digest",
+           "default_cache_dir", "skip_held_fits", "torch_version"]
 
 # The one version of every cached entry. Bump when the meaning of any cached fit changes (trace
 # semantics, features, the VAE's fit shapes, terms or phase rules, the time model's fields).
 SCHEMA_VERSION = 3
+
+class FitHeldElsewhere(Exception):
+    """Another process is fitting this key (raised only after :func:`skip_held_fits`)."""
+
+
+_skip_held = False
+
+
+def skip_held_fits(skip: bool = True) -> None:
+    """From now on, :meth:`FitCache.fitting` in this process raises :class:`FitHeldElsewhere`
+    instead of waiting for a key another process is fitting (a helper moves on to other work);
+    ``skip=False`` waits again."""
+    global _skip_held
+    _skip_held = skip
+
 
 # Entries that could not be written, per cache directory, kept for the rest of the process.
 _IN_MEMORY: dict[Path, dict[str, dict[str, Any]]] = {}
@@ -199,6 +214,36 @@ class FitCache:
                            "`ENGINE_CACHE_DIR` to a writable directory to keep them.",
                            self.dir, err)
         _IN_MEMORY.setdefault(self.dir, {})[key] = json.loads(json.dumps(payload))
+
+    @contextlib.contextmanager
+    def fitting(self, key: str) -> Iterator[None]:
+        """Held while ``key`` is being fitted. Another process fitting the same key (the planner's
+        helper, a second planner, a batch worker) waits here and then finds the entry, so no fit
+        is traced twice at once; after :func:`skip_held_fits` this process raises
+        :class:`FitHeldElsewhere` instead of waiting. A no-op where the directory cannot be
+        written or the platform has no ``fcntl`` file locks; the lock goes with the process,
+        however it ends.
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows: concurrent fits stay correct, only duplicated
+            yield
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path(key).with_suffix(".lock"), "a")  # noqa: SIM115 - held below
+        except OSError:
+            yield
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if _skip_held else 0))
+            except BlockingIOError:
+                raise FitHeldElsewhere(key) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- fits ----------------------------------------------------------------------------------
     def put_fit(self, key: str, *, laws: Mapping[str, ScalingLaw] | None = None,

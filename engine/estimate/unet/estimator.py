@@ -166,17 +166,16 @@ class StageEstimator:
                       "dimensions may take other copy paths")
 
     def _denoise(self, height, width, frames, precision, attention, b) -> StageEstimate:
-        kinds = attention_family(attention, self.device_type)
-        prec = precision_of(precision)
-        laws, meta = self._family("denoise", prec, kinds, "b1" if b == 1 else "b2+")
+        prec, kinds, regime = self._family_of("denoise", precision, attention, b)
+        laws, meta = self._family("denoise", prec, kinds, regime)
         f = self.spec.vae.downsample_factor
         v = laws.evaluate({"b": b, "f": frames, "hw": (height // f) * (width // f)})
         cache = meta["cast_bytes"] if prec.autocast is not None else 0
         return self._result("denoise", precision, v, {"autocast_weight_cache_bytes": cache})
 
     def _encoder(self, stage, height, width, precision, b) -> StageEstimate:
-        prec = precision_of(precision)
-        laws, meta = self._family(stage, prec, ("sdpa", "sdpa"), f"b{b}")
+        prec, kinds, regime = self._family_of(stage, precision, "sdpa", b)
+        laws, meta = self._family(stage, prec, kinds, regime)
         v = laws.evaluate({})
         terms = {"autocast_weight_cache_bytes": meta["cast_bytes"] if prec.autocast else 0}
         if stage == "image_encode":
@@ -235,6 +234,30 @@ class StageEstimator:
             entry["image_size"] = list(clip_image_size(self.spec))
         return entry
 
+    def is_fitted(self, stage: str, *, precision: str = "fp16", attention: str = "sdpa",
+                  cfg_batch: int = 1) -> bool:
+        """Whether the laws :meth:`estimate` would read for these settings are in the cache
+        (read from disk only: no torch, no build)."""
+        arch = self._index.get(stage, {}).get("arch")
+        if arch is None:
+            index = self.cache.get_fit(f"stages-index-{spec_digest(self.spec, stage)}")
+            if index is None or "arch" not in index.sections:
+                return False
+            arch = index.sections["arch"]
+        prec, kinds, regime = self._family_of(stage, precision, attention, cfg_batch)
+        key = family_key(stage, arch, prec.family, kinds, regime, self.device_type)
+        if key in self._laws:  # loaded in this process
+            return True
+        fit = self.cache.get_fit(key)
+        return fit is not None and bool(fit.laws)
+
+    def _family_of(self, stage: str, precision: str, attention: str, cfg_batch: int):
+        """(precision, attention backends, batch regime) of the laws a call is estimated from."""
+        if stage == "denoise":
+            return (precision_of(precision), attention_family(attention, self.device_type),
+                    "b1" if cfg_batch == 1 else "b2+")
+        return precision_of(precision), ("sdpa", "sdpa"), f"b{min(cfg_batch, 2)}"
+
     def _family(self, stage, prec: Precision, kinds, regime) -> tuple[MonomialLaws, dict]:
         key = family_key(stage, self._stage_index(stage)["arch"], prec.family, kinds, regime,
                          self.device_type)
@@ -270,19 +293,26 @@ class StageEstimator:
                      fit: Callable[[], tuple[MonomialLaws, dict]]) -> tuple[MonomialLaws, dict]:
         """Laws under ``key``: in this process, else in the cache, else fitted (and stored)."""
         if key not in self._laws:
-            found = self.cache.get_fit(key)
-            if found is not None and found.laws:
-                meta = dict(found.meta)
-                laws = MonomialLaws.from_laws(dict(found.laws), meta["features"],
-                                              meta["exponents"], meta["unmatched_fraction"])
-            else:
-                with self._progress(what):
-                    laws, meta = fit()
-                self.cache.put_fit(key, laws=laws.to_laws(meta["feature_ranges"]), meta=meta)
-                if "fit_seconds" in meta:
-                    self.fit_seconds[key] = meta["fit_seconds"]
-            self._laws[key] = (laws, meta)
+            found = self._load_laws(key)
+            if found is None:
+                with self._progress(what), self.cache.fitting(key):
+                    found = self._load_laws(key)  # fitted meanwhile by another process
+                    if found is None:
+                        found = fit()
+                        laws, meta = found
+                        self.cache.put_fit(key, laws=laws.to_laws(meta["feature_ranges"]), meta=meta)
+                        if "fit_seconds" in meta:
+                            self.fit_seconds[key] = meta["fit_seconds"]
+            self._laws[key] = found
         return self._laws[key]
+
+    def _load_laws(self, key: str) -> tuple[MonomialLaws, dict] | None:
+        found = self.cache.get_fit(key)
+        if found is None or not found.laws:
+            return None
+        meta = dict(found.meta)
+        return MonomialLaws.from_laws(dict(found.laws), meta["features"], meta["exponents"],
+                                      meta["unmatched_fraction"]), meta
 
     def _weights(self) -> dict:
         if self._inventory is None:

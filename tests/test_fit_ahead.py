@@ -1,0 +1,127 @@
+"""A cold plan's fits shared with a helper process: same plan, same laws, no fit traced twice."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_spec
+from engine.device.spec import catalog_device
+from engine.estimate.laws.cache import FitCache, FitHeldElsewhere, skip_held_fits
+from engine.planner import fit_ahead
+from engine.planner.estimators import Estimators
+from engine.planner.search import _unet_calls, candidate_settings, make_plan
+from engine.plan.plan import Workload
+from engine.plan.settings import parse_force
+
+needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                                reason="the helper is forked; this platform has no fork")
+
+_PLAN = """
+import json, sys
+from engine.config import load_spec
+from engine.device.spec import catalog_device
+from engine.planner.search import make_plan
+plan = make_plan(load_spec("tiny"), 64, 64, 4, catalog_device("rtx-4090-laptop"))
+d = plan.as_dict(); d.pop("planning_ms")
+print(json.dumps(d, sort_keys=True))
+"""
+
+
+def _cold_plan(cache: Path, parallel: str) -> dict:
+    env = {**os.environ, "ENGINE_CACHE_DIR": str(cache), "ENGINE_PARALLEL_FITS": parallel}
+    out = subprocess.run([sys.executable, "-c", _PLAN], env=env, capture_output=True, text=True,
+                         check=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def _laws(cache: Path) -> dict:
+    """Every fitted entry's content, without the timings that differ from run to run."""
+    out = {}
+    for path in sorted((cache / "fits").glob("*.json")):
+        payload = json.loads(path.read_text())
+        meta = payload.get("meta", {})
+        for key in [k for k in meta if k.endswith("_seconds")]:
+            del meta[key]
+        out[path.name] = payload
+    return out
+
+
+@needs_fork
+def test_cold_plan_with_a_helper_equals_the_sequential_one(tmp_path):
+    parallel, sequential = tmp_path / "parallel", tmp_path / "sequential"
+    assert _cold_plan(parallel, "1") == _cold_plan(sequential, "0")
+    assert _laws(parallel) == _laws(sequential)  # the same entries, the same numbers
+
+
+def _request(spec, device):
+    work = Workload.for_spec(spec, 64, 64, 4)
+    candidates = candidate_settings(device, parse_force(None, "--force"), spec.perframe_ae)
+    return work, candidates, lambda s: _unet_calls(s, work)[1]
+
+
+@needs_fork
+def test_the_helper_fits_what_the_plan_then_only_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    # earlier tests may leave threads behind (tqdm's monitor): what is tested here is the helper's
+    # work, not when one is allowed (the CLI plans before it starts any thread)
+    monkeypatch.setattr(fit_ahead, "parallel_fits_allowed", lambda: True)
+    spec, device = load_spec("tiny"), catalog_device("rtx-4090-laptop")
+    work, candidates, batch_of = _request(spec, device)
+    jobs = fit_ahead.helper_jobs(Estimators(spec, device), candidates, work, batch_of)
+    names = [name for name, _ in jobs]
+    # the regime the planner reaches last comes first, the VAE after the UNet
+    assert names[0].startswith("UNet batch 1") and names[-1].startswith("VAE"), names
+    helper = fit_ahead.start_helper(Estimators(spec, device), jobs)
+    assert helper is not None
+    fit_ahead.reap(helper)
+    assert helper.exitcode == 0
+    est = Estimators(spec, device)  # a fresh bundle: nothing in memory, the helper's entries on disk
+    assert fit_ahead.helper_jobs(est, candidates, work, batch_of) == []
+    make_plan(spec, 64, 64, 4, device, estimators=est)
+    assert not [key for key in est.stages.fit_seconds if key.startswith("denoise")], est.stages.fit_seconds
+
+
+def test_no_helper_when_switched_off(monkeypatch):
+    monkeypatch.setenv("ENGINE_PARALLEL_FITS", "0")
+    assert not fit_ahead.parallel_fits_allowed()
+    assert fit_ahead.start_helper(None, [("job", lambda: None)]) is None
+
+
+def test_a_held_fit_is_skipped_by_a_helper(tmp_path):
+    cache = FitCache(tmp_path)
+    with cache.fitting("k"):
+        skip_held_fits(True)
+        try:
+            with pytest.raises(FitHeldElsewhere), cache.fitting("k"):
+                pass
+        finally:
+            skip_held_fits(False)
+
+
+def _hold_and_write(root: str, seconds: float) -> None:
+    cache = FitCache(root)
+    with cache.fitting("k"):
+        time.sleep(seconds)
+        cache.put_fit("k", meta={"by": "child"})
+
+
+@needs_fork
+def test_a_held_fit_is_waited_for_and_then_read(tmp_path):
+    child = multiprocessing.get_context("fork").Process(target=_hold_and_write, args=(str(tmp_path), 1.0))
+    child.start()
+    cache = FitCache(tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "fits" / "k.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the child holds the lock now
+    with cache.fitting("k"):
+        found = cache.get_fit("k")
+    child.join()
+    assert found is not None and found.meta["by"] == "child"
