@@ -235,8 +235,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     latents = _recovering(run, "denoise", _denoiser_attempt(model, opts, run, conds, saved, generator,
                                                              progress, counts))
     flat, done = flat_latents(model, latents), []
-    video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run.settings.ae_decode,
-                                                                   done, run.budget))
+    video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run, done))
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()

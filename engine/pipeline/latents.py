@@ -1,6 +1,8 @@
 """The latent side of a run: encode the conditioning frame(s), decode the video, with fallbacks."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -24,18 +26,26 @@ def flat_latents(model, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_remaining(model, flat: torch.Tensor, mode: AEMode, done: list[torch.Tensor], budget) -> torch.Tensor:
-    """Decode the frames not yet in ``done``, one group of ``mode.chunk`` frames at a time.
+def decode_remaining(model, flat: torch.Tensor, run, done: list[torch.Tensor]) -> torch.Tensor:
+    """Decode the frames not yet in ``done``, one group of ``run.settings.ae_decode``'s chunk at a
+    time.
 
     Finished groups are appended to ``done`` (on the CPU) as they complete, so a decode that runs
     out of memory resumes after the last finished group with a smaller mode; returns all frames.
+    The run's first group is measured where the device allows, and the remaining groups are sized
+    from that measurement (:meth:`engine.runtime.executor.Run.size_chunks`).
     """
     start, total = sum(d.shape[0] for d in done), flat.shape[0]
     while start < total:
-        group = mode.chunk or total - start
-        budget.at("vae_decode", len(done))
-        done.append(decode_frames(model.first_stage_model, flat[start:start + group], mode).cpu())
+        mode = run.settings.ae_decode
+        group = min(mode.chunk or total - start, total - start)
+        run.budget.at("vae_decode", len(done))
+        first = not done and start + group < total and run.budget.measurable()
+        with run.budget.measuring() if first else contextlib.nullcontext({}) as measured:
+            done.append(decode_frames(model.first_stage_model, flat[start:start + group], mode).cpu())
         start += group
+        if first:
+            run.size_chunks("vae_decode", group, measured, total - start)
     return torch.cat(done, dim=0)
 
 

@@ -18,7 +18,9 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,7 @@ class MemoryBudget:
     position: tuple = ("", None)
     need_bytes: int = 0  # what the last refused allocation would have brought the total to
     free_reader: object = None  # () -> free device bytes now; default: the driver / host RAM
+    peak_floor: int = 0  # CUDA: the stage's peak before a measurement reset the allocator's statistics
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -59,12 +62,37 @@ class MemoryBudget:
         """Where the run is now (the stage and, in a stage made of steps or chunks, which one);
         ``reset_peak`` starts a new stage's peak."""
         self.position = (stage, step)
-        if reset_peak and self._mode is not None:
-            self._mode.peak = self._mode.live
+        if reset_peak:
+            self.peak_floor = 0
+            if self._mode is not None:
+                self._mode.peak = self._mode.live
 
     def stage_peak(self) -> int | None:
         """Live bytes at their highest since the stage began (CPU tracker only; None without it)."""
         return self._mode.peak if self._mode is not None else None
+
+    def measurable(self) -> bool:
+        """Whether :meth:`measuring` can measure here: on CUDA, or on the CPU under a cap."""
+        return self.device.type == "cuda" or self._mode is not None
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[dict]:
+        """Measure the block: yields a dict that gets ``start`` (live bytes when it began) and
+        ``peak`` (the most live during it) when it ends. The stage's own peak is kept."""
+        cuda = self.device.type == "cuda"
+        result = {"start": self.live_bytes()}
+        if cuda:
+            self.peak_floor = max(self.peak_floor, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._mode is not None:
+            stage_peak, self._mode.peak = self._mode.peak, self._mode.live
+        yield result
+        if cuda:
+            result["peak"] = torch.cuda.max_memory_allocated(self.device)
+            self.peak_floor = max(self.peak_floor, result["peak"])
+        elif self._mode is not None:
+            result["peak"] = self._mode.peak
+            self._mode.peak = max(stage_peak, self._mode.peak)
 
     def check_fault(self, nbytes: int) -> None:
         if self.position in self.faults:

@@ -18,10 +18,11 @@ import contextlib
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..plan.aemode import AEMode
 from ..plan.settings import Offload, Precision, Settings
 from ..plan.stages import COMPONENT_NAMES, stage as stage_of
 from ..device.spec import format_bytes
@@ -69,7 +70,7 @@ class Run:
     def check_headroom(self, name: str) -> None:
         """Before ``name``: if memory was taken since planning (another program, a smaller cap) and
         the stage's predicted peak no longer fits, move one rung down before it fails."""
-        if self.plan is None or len(self.adjustments) >= MAX_REPLANS:
+        if self.plan is None or self.replans() >= MAX_REPLANS:
             return
         predicted = self.plan.stage(name)
         context = predicted.terms.get("cuda_context", 0)
@@ -84,6 +85,37 @@ class Run:
         self.adjustments.append(Adjustment(name, None, self.settings, new, why))
         log.warning("%s: %s; continuing with %s", name, why, self.adjustments[-1].describe_changes())
         self._reapply(new)
+
+    def size_chunks(self, name: str, chunk: int, measured: dict, remaining: int) -> None:
+        """After the first chunk of ``name`` (``chunk`` frames, ``measured`` by
+        :meth:`MemoryBudget.measuring`): give the remaining ``remaining`` frames the largest chunk
+        whose need, scaled from the measured one, fits 90 % of the memory available now.
+
+        Only a plan's own choice is resized (forced settings stay, and so do tiles); the need of a
+        chunk grows with its frames, and scaling the measured bytes per frame counts the fixed
+        part again for every frame, so a grown chunk needs no more than predicted here.
+        """
+        key = "ae_decode" if name == "vae_decode" else "ae_encode"
+        mode = getattr(self.settings, key)
+        forced = {item.split("=")[0] for item in self.plan.forced} if self.plan is not None else set()
+        if (self.plan is None or key in forced or "reference" in forced or mode is None or mode.tile is not None
+                or remaining <= 0 or "peak" not in measured):
+            return
+        per_frame = max(1, measured["peak"] - measured["start"]) / chunk
+        room = 0.9 * self.budget.available_bytes() - self.budget.live_bytes()
+        best = max(1, min(remaining, int(room // per_frame)))
+        if best == chunk:
+            return
+        new = replace(self.settings, **{key: AEMode(chunk=best)})
+        why = (f"the first {chunk}-frame chunk needed {format_bytes(measured['peak'] - measured['start'])}; "
+               f"{format_bytes(max(0, int(room)))} is free for the remaining {remaining} frames")
+        self.adjustments.append(Adjustment(name, 1, self.settings, new, why, measured=True))
+        log.info("%s: %s; continuing with %s", name, why, self.adjustments[-1].describe_changes())
+        self.settings = new
+
+    def replans(self) -> int:
+        """Re-plans made for trouble (a measured resize of chunks is not one)."""
+        return sum(not a.measured for a in self.adjustments)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -108,7 +140,8 @@ class Run:
             yield self
         if cuda:
             torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else self.budget.stage_peak()
+        peak = (max(torch.cuda.max_memory_allocated(self.device), self.budget.peak_floor) if cuda
+                else self.budget.stage_peak())
         self.records.append(StageRecord(name, resident, time.perf_counter() - start, peak))
 
     def _resident(self) -> tuple[str, ...]:
@@ -123,14 +156,14 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         need = self.budget.need_bytes
-        new = None if len(self.adjustments) >= MAX_REPLANS else next_settings(
+        new = None if self.replans() >= MAX_REPLANS else next_settings(
             name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames)
-        if new is None and not any(a.stage == name for a in self.adjustments):
+        if new is None and not any(a.stage == name and not a.measured for a in self.adjustments):
             new = self.settings  # nothing smaller: once, the same settings after freeing memory
         if new is None:
             tried = "; ".join(a.new.describe() for a in self.adjustments) or self.settings.describe()
             raise OutOfMemory(f"`{name}` ran out of memory ({error}; it needed {format_bytes(need)}) after "
-                              f"{len(self.adjustments)} re-plan(s), settings tried: {tried}; raise `max_memory`, "
+                              f"{self.replans()} re-plan(s), settings tried: {tried}; raise `max_memory`, "
                               "free device memory or lower the resolution or frame count.") from error
         why = f"out of memory: {error}" + ("; retried after freeing memory" if new == self.settings else "")
         adjustment = Adjustment(name, step, self.settings, new, why)

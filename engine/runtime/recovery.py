@@ -39,6 +39,7 @@ class Adjustment:
     old: Settings
     new: Settings
     reason: str
+    measured: bool = False  # sized from a measurement before any trouble (not a re-plan)
 
     def changes(self) -> dict[str, tuple[str, str]]:
         old, new = self.old.to_dict(), self.new.to_dict()
@@ -51,7 +52,8 @@ class Adjustment:
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "step": self.step, "old": self.old.to_dict(), "new": self.new.to_dict(),
-                "changes": {k: list(v) for k, v in self.changes().items()}, "reason": self.reason}
+                "changes": {k: list(v) for k, v in self.changes().items()}, "reason": self.reason,
+                "measured": self.measured}
 
 
 def smaller_mode(mode: AEMode, frames: int) -> AEMode | None:
