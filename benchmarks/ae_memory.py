@@ -48,6 +48,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from report_rows import mib, print_memory_row  # noqa: E402  (same folder)
+
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 CONFIGS = ("tiny", "512")
 SIZES = ((256, 256), (320, 512), (576, 1024))
@@ -266,15 +268,9 @@ def measure_row(row: tuple, models: dict, args, budget: dict) -> dict:
 
 
 def print_row(r: dict) -> None:
-    mib = lambda b: f"{b / 2**20:9.1f}"  # noqa: E731
-    head = f"{r['config']:>4} {r['direction']:6} {r['size']:>13} {r['mode']:22}"
-    if r["status"] != "measured":
-        print(f"{head} pred {mib(r['predicted_bytes'])} MiB  {r['status']}", flush=True)
-        return
-    print(f"{head} pred {mib(r['predicted_bytes'])} MiB  meas {mib(r['measured_bytes'])} MiB  "
-          f"err {r['rel_error']:+.4f}  comfy {mib(r['comfy_bytes'])} MiB "
-          f"(err {r['comfy_rel_error']:+.3f})  rss+ {mib(r['rss_delta'])} MiB  "
-          f"{r['seconds']:6.1f} s  peak@{r['peak_phase']}", flush=True)
+    extra = (f"  comfy {mib(r['comfy_bytes'])} MiB (err {r['comfy_rel_error']:+.3f})  rss+ "
+             f"{mib(r['rss_delta'])} MiB  peak@{r['peak_phase']}" if r["status"] == "measured" else "")
+    print_memory_row(f"{r['config']:>4} {r['direction']:6} {r['size']:>13} {r['mode']:22}", r, extra)
 
 
 def write_results(rows: list[dict], info: dict, device: str, summary: dict) -> None:

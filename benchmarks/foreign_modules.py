@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from ae_memory import run_child  # noqa: E402  (same folder: fresh-process measurement)
+from report_rows import mib, print_memory_row  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SD_FULL, SD_SMALL = (128, 256, 512, 512), (32, 64, 128, 128)
@@ -178,15 +179,9 @@ def machine_info() -> dict:
 
 
 def print_row(r: dict) -> None:
-    mib = lambda b: f"{b / 2**20:9.1f}"  # noqa: E731
-    head = f"{r['module']:>10} {r['size']:>11} {r['mode']:10}"
-    if r["status"] != "measured":
-        print(f"{head} pred {mib(r['predicted_bytes'])} MiB  {r['status']}", flush=True)
-        return
-    print(f"{head} pred {mib(r['predicted_bytes'])} MiB  meas {mib(r['measured_bytes'])} MiB  "
-          f"err {r['rel_error']:+.4f}  {r['seconds']:6.1f} s"
-          + (f"  (laws {mib(r['laws_bytes'])} MiB, err {r['laws_rel_error']:+.4f})"
-             if "laws_bytes" in r else ""), flush=True)
+    laws = (f"  (laws {mib(r['laws_bytes'])} MiB, err {r['laws_rel_error']:+.4f})"
+            if r["status"] == "measured" and "laws_bytes" in r else "")
+    print_memory_row(f"{r['module']:>10} {r['size']:>11} {r['mode']:10}", r, laws)
 
 
 def summarize(rows: list[dict]) -> dict:
