@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,22 +20,14 @@ from engine.plan.settings import parse_force
 needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                                 reason="the helper is forked; this platform has no fork")
 
-_PLAN = """
-import json, sys
-from engine.config import load_spec
-from engine.device.spec import catalog_device
-from engine.planner.search import make_plan
-plan = make_plan(load_spec("tiny"), 64, 64, 4, catalog_device("rtx-4090-laptop"))
-d = plan.as_dict(); d.pop("planning_ms")
-print(json.dumps(d, sort_keys=True))
-"""
-
-
-def _cold_plan(cache: Path, parallel: str) -> dict:
-    env = {**os.environ, "ENGINE_CACHE_DIR": str(cache), "ENGINE_PARALLEL_FITS": parallel}
-    out = subprocess.run([sys.executable, "-c", _PLAN], env=env, capture_output=True, text=True,
-                         check=True, timeout=600)
-    return json.loads(out.stdout)
+def _cold_plan(cache: Path, parallel: bool, monkeypatch) -> dict:
+    """A plan on an empty cache, in this process (a fresh estimator bundle: nothing in memory)."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(cache))
+    monkeypatch.setattr(fit_ahead, "parallel_fits_allowed", lambda: parallel)
+    spec, device = load_spec("tiny"), catalog_device("rtx-4090-laptop")
+    d = make_plan(spec, 64, 64, 4, device, estimators=Estimators(spec, device)).as_dict()
+    d.pop("planning_ms")
+    return d
 
 
 def _laws(cache: Path) -> dict:
@@ -54,9 +43,9 @@ def _laws(cache: Path) -> dict:
 
 
 @needs_fork
-def test_cold_plan_with_a_helper_equals_the_sequential_one(tmp_path):
+def test_cold_plan_with_a_helper_equals_the_sequential_one(tmp_path, monkeypatch):
     parallel, sequential = tmp_path / "parallel", tmp_path / "sequential"
-    assert _cold_plan(parallel, "1") == _cold_plan(sequential, "0")
+    assert _cold_plan(parallel, True, monkeypatch) == _cold_plan(sequential, False, monkeypatch)
     assert _laws(parallel) == _laws(sequential)  # the same entries, the same numbers
 
 

@@ -84,10 +84,13 @@ def start_helper(est, jobs: list[Job]):
     return helper
 
 
-def reap(helper) -> None:
-    """Wait for a helper to end. It only fits what the plan asks for, and the plan waited for
-    each of those entries, so by now it has finished or is about to."""
+def reap(helper, *, stop: bool = False) -> None:
+    """Wait for a helper to end: after a finished search it has fitted what the plan waited for
+    and is done or about to be. ``stop`` (the search failed or was interrupted) ends it first;
+    its entries are written atomically, so nothing half-written stays in the cache."""
     if helper is not None:
+        if stop and helper.is_alive():
+            helper.terminate()
         helper.join()
 
 
@@ -104,6 +107,8 @@ def _run_jobs(est, jobs: list[Job]) -> None:
             job()
         except FitHeldElsewhere:
             continue
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the planner reports it
+            return
         except Exception as err:  # noqa: BLE001 - see above
             log.debug("helper fit %s failed (%s); the planning process will fit it", name, err)
             return

@@ -126,6 +126,9 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
         for cand in candidates:
             chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes, store)
             (rejected if reason else fitting).append((chosen, stages, reason))
+    except BaseException:
+        reap(helper, stop=True)
+        raise
     finally:
         reap(helper)
         est.fits_done()
