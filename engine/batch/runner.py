@@ -133,6 +133,10 @@ def run_batch(cfg: BatchConfig, stream=None) -> BatchSummary:
                            manifest=manifest.path)
     if state.is_main_process:
         manifest.merge()
+    state.wait_for_everyone()  # the merge is done before any rank leaves
+    # Leaving with the process group alive lets gloo's threads die in the interpreter's exit
+    # (std::terminate, exit code -6, seen when a rank has nothing to do): close it ourselves.
+    state.destroy_process_group()
     return summary
 
 
