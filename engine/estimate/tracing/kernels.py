@@ -35,8 +35,8 @@ from torch.utils._pytree import tree_map_only
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SDPA_BACKENDS", "FidelityMode", "has_workspace", "real_layout", "register_workspace",
-           "workspace_bytes"]
+__all__ = ["SDPA_BACKENDS", "FidelityMode", "has_workspace", "meta_like", "real_layout",
+           "register_workspace", "workspace_bytes"]
 
 WorkspaceFn = Callable[[tuple, dict, Any], int]
 _WORKSPACES: dict[tuple[str, Any], WorkspaceFn] = {}
@@ -193,7 +193,8 @@ _LAYOUTS: dict[tuple[str, Any], Callable[[tuple, Any], Any]] = {
 }
 
 
-def _meta_like(t: torch.Tensor) -> torch.Tensor:
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``t``'s shape, strides and dtype (a stand-in no dispatch mode sees)."""
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
@@ -222,7 +223,7 @@ def _meta_strides(func: Any, args: tuple, kwargs: dict) -> tuple:
     arguments, or None (not a tensor, or no meta kernel)."""
     try:
         with _disable_current_modes():
-            margs, mkwargs = tree_map_only(torch.Tensor, _meta_like, (args, kwargs))
+            margs, mkwargs = tree_map_only(torch.Tensor, meta_like, (args, kwargs))
             # a Python number where the schema takes a Tensor is a 0-dim CPU tensor for real
             # (and TensorIterator orders dims differently for it than for a CPU scalar next
             # to meta tensors): give the meta run a 0-dim meta tensor instead

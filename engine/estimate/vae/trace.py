@@ -24,7 +24,7 @@ from ...plan.aemode import AEMode
 from ...runtime.autoencode import decode_frames, encode_frames, remove_autoencode_policy
 from ...runtime.vae_adapter import takes_num_frames
 from ..tracing.allocator import allocation_bytes, segment_overhead_bytes
-from ..tracing.kernels import has_workspace, workspace_bytes
+from ..tracing.kernels import has_workspace, meta_like, workspace_bytes
 from ..tracing.trace import MemKind, Tracer
 from .shapes import DIRECTIONS, input_shape, CallPoint
 
@@ -175,10 +175,6 @@ def _frames_of(method: Any, x: torch.Tensor, kwargs: dict) -> dict[str, int]:
     return {"num_frames": x.shape[0]}
 
 
-def _meta_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-
-
 class _OpRecorder:
     """Records, per dispatched op, its phase, the VAE calls started so far and kernel scratch.
 
@@ -200,7 +196,7 @@ class _OpRecorder:
             # The scratch models index tensors (``w[0, 0]``): on fakes that is a full fake
             # dispatch the tracer would also record, so they read plain meta stand-ins.
             with _disable_current_modes():
-                margs, mkwargs, mout = tree_map_only(torch.Tensor, _meta_like, (args, kwargs, out))
+                margs, mkwargs, mout = tree_map_only(torch.Tensor, meta_like, (args, kwargs, out))
                 size = workspace_bytes(func, margs, mkwargs, mout, self.device_type)
         self.scratch.append(allocation_bytes(size, self.device_type) if size else 0)
 
