@@ -128,3 +128,26 @@ def test_memory_taken_since_planning_is_met_before_the_stage_fails(tiny_model):
     assert [(a.stage, a.step) for a in out.adjustments] == [("denoise", None)]
     assert "free memory fell to" in out.adjustments[0].reason and out.settings.cfg == "sequential"
     assert torch.allclose(out.video, ref.video, atol=1e-4) and out.denoise_steps == FAST["steps"]
+
+
+def test_a_replan_asks_the_planner_and_skips_rungs_predicted_not_to_fit(tiny_model):
+    """With a plan, one re-plan takes the decode straight to the mode predicted to fit (the fixed
+    ladder would try 2-frame chunks first and re-plan twice)."""
+    from engine.config import load_spec
+    from engine.device import probe_cpu
+    from engine.planner.search import make_plan
+
+    plan = make_plan(load_spec("tiny"), 64, 96, 4, probe_cpu(), steps=3, calibrate=False,
+                     force="cfg=sequential,ae_encode=per-frame,ae_decode=batched")
+    peaks = {mode: _stage_peaks(tiny_model, {**plan.settings.to_dict(), "ae_decode": mode})
+             for mode in ("chunk:2", "per-frame")}
+    others = max(v for k, v in peaks["per-frame"].items() if k != "vae_decode")
+    cap = (max(others, peaks["per-frame"]["vae_decode"]) + peaks["chunk:2"]["vae_decode"]) // 2
+    assert peaks["per-frame"]["vae_decode"] < cap < peaks["chunk:2"]["vae_decode"]
+    ref = generate(tiny_model, GenerateOptions(**FAST), plan, progress=False)
+    guided = generate(tiny_model, GenerateOptions(**FAST), plan, progress=False, max_memory=MemoryBudget(cap, "cpu"))
+    ladder = run(tiny_model, plan.settings.to_dict(), budget=MemoryBudget(cap, "cpu"))  # no plan: one rung a time
+    assert [(a.stage, str(a.new.ae_decode)) for a in guided.adjustments] == [("vae_decode", "per-frame")]
+    assert "predicted at" in guided.adjustments[0].reason
+    assert [str(a.new.ae_decode) for a in ladder.adjustments] == ["chunk:2", "per-frame"]
+    assert torch.allclose(guided.video, ref.video, atol=1e-4) and guided.denoise_steps == FAST["steps"]

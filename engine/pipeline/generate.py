@@ -17,6 +17,7 @@ from ..errors import InvalidArgument
 from ..plan.plan import Plan, Workload
 from ..plan.settings import CFGMode, Settings
 from ..planner.calibration import CalibrationStore
+from ..planner.replan import stage_predictor
 from ..runtime.budget import MemoryBudget
 from ..runtime.executor import StageRecord, attached
 from ..runtime.recovery import Adjustment, OutOfMemory
@@ -129,7 +130,8 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         None if max_memory is None else parse_size(max_memory, "max_memory"), device)
     counts = {"unet_calls": 0, "steps": 0}
     progress_ = _Progress(opts, model.spec, resume, callback_on_step_end)
-    with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan) as run:
+    predict = stage_predictor(model.spec, plan) if plan is not None else None  # guides re-plans
+    with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan, predict=predict) as run:
         try:
             video = _run_stages(model, opts, run, progress, counts, progress_)
         except _StopRequested:

@@ -30,7 +30,7 @@ from .attention import restore_attention_backend, set_attention_backend
 from .budget import MemoryBudget
 from .offload import apply_offload, remove_offload
 from .precision import apply_precision, precision_context, weight_dtype
-from .recovery import MAX_REPLANS, Adjustment, OutOfMemory, next_settings
+from .recovery import MAX_REPLANS, Adjustment, OutOfMemory, Predictor, choose_rung
 from .residency import Kept, TensorRecord, model_state, place
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ class Run:
     records: list[StageRecord] = field(default_factory=list)
     adjustments: list[Adjustment] = field(default_factory=list)
     plan: object = None  # the Plan being run, when there is one: its predictions guide re-plans
+    predict: Predictor | None = None  # the planner's stage peak under other settings (with a plan)
 
     def check_headroom(self, name: str) -> None:
         """Before ``name``: if memory was taken since planning (another program, a smaller cap) and
-        the stage's predicted peak no longer fits, move one rung down before it fails."""
+        the stage's predicted peak no longer fits, re-plan it before it fails."""
         if self.plan is None or self.replans() >= MAX_REPLANS:
             return
         predicted = self.plan.stage(name)
@@ -77,14 +78,18 @@ class Run:
         available = self.budget.available_bytes() + context  # the context is in use already
         if predicted.peak_bytes <= available or self.settings != self.plan.settings:
             return
-        new = next_settings(name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames)
+        new, how = self._rung(name, available - context)  # predictions are given without it
         if new is None:
             return  # nothing smaller: run it and recover if it really runs out
         why = (f"free memory fell to {format_bytes(available)} since planning; the plan predicted "
-               f"{format_bytes(predicted.peak_bytes)} for {name}")
+               f"{format_bytes(predicted.peak_bytes)} for {name}{how}")
         self.adjustments.append(Adjustment(name, None, self.settings, new, why))
         log.warning("%s: %s; continuing with %s", name, why, self.adjustments[-1].describe_changes())
         self._reapply(new)
+
+    def _rung(self, name: str, available: int, need: int = 0) -> tuple[Settings | None, str]:
+        return choose_rung(name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames,
+                           available=available, need=need, predict=self.predict)
 
     def size_chunks(self, name: str, chunk: int, measured: dict, remaining: int) -> None:
         """After the first chunk of ``name`` (``chunk`` frames, ``measured`` by
@@ -150,14 +155,16 @@ class Run:
         return tuple(n for n in COMPONENT_NAMES if self.offload.is_resident(n))
 
     def recover(self, name: str, step: int | None, error: BaseException) -> Settings:
-        """After ``name`` ran out of memory: free what can be freed, move one rung down its
-        ladder, re-apply, and return the new settings; :class:`OutOfMemory` when none is left."""
+        """After ``name`` ran out of memory: free what can be freed, re-read the memory available,
+        choose smaller settings for the stage (:func:`~engine.runtime.recovery.choose_rung`, with
+        the measured need as a floor), re-apply them and return them; :class:`OutOfMemory` when
+        none is left."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         need = self.budget.need_bytes
-        new = None if self.replans() >= MAX_REPLANS else next_settings(
-            name, self.settings, accelerator=self.device.type != "cpu", frames=self.frames)
+        new, how = (None, "") if self.replans() >= MAX_REPLANS else self._rung(
+            name, self.budget.available_bytes(), need)
         if new is None and not any(a.stage == name and not a.measured for a in self.adjustments):
             new = self.settings  # nothing smaller: once, the same settings after freeing memory
         if new is None:
@@ -165,7 +172,7 @@ class Run:
             raise OutOfMemory(f"`{name}` ran out of memory ({error}; it needed {format_bytes(need)}) after "
                               f"{self.replans()} re-plan(s), settings tried: {tried}; raise `max_memory`, "
                               "free device memory or lower the resolution or frame count.") from error
-        why = f"out of memory: {error}" + ("; retried after freeing memory" if new == self.settings else "")
+        why = f"out of memory: {error}" + ("; retried after freeing memory" if new == self.settings else how)
         adjustment = Adjustment(name, step, self.settings, new, why)
         log.warning("%s ran out of memory%s; continuing with %s", name,
                     "" if step is None else f" at step {step}", adjustment.describe_changes())
@@ -187,9 +194,9 @@ class Run:
 
 @contextlib.contextmanager
 def attached(model, settings: Settings, device, *, frames: int = 1, max_memory: int | None = None,
-             budget: MemoryBudget | None = None, plan=None):
+             budget: MemoryBudget | None = None, plan=None, predict: Predictor | None = None):
     """Apply ``settings`` to ``model`` for one run, within ``max_memory`` bytes (or ``budget``);
-    give the model back as it was afterwards."""
+    give the model back as it was afterwards. ``predict`` (with ``plan``) guides re-plans."""
     device = torch.device(device)
     state = model_state(model)
     with state.lock:
@@ -211,7 +218,7 @@ def attached(model, settings: Settings, device, *, frames: int = 1, max_memory: 
                 raise OutOfMemory(f"`max_memory` {format_bytes(budget.max_bytes)} is below the "
                                   f"{format_bytes(budget.baseline_bytes)} the model's weights already take "
                                   f"on {device}; raise it or plan a lower precision.")
-            run = Run(model, settings, device, budget, frames, handle, plan=plan)
+            run = Run(model, settings, device, budget, frames, handle, plan=plan, predict=predict)
             with budget:
                 yield run
         finally:

@@ -10,15 +10,19 @@ the tolerances of ``docs/autoencoding.md``; precision is never changed mid-run):
   per-frame with 256-, then 128-pixel tiles.
 * ``text_encode`` / ``image_encode``: offload none -> model (accelerator only).
 
-A run climbs down at most :data:`MAX_REPLANS` rungs in all; every step is an :class:`Adjustment`
-the caller gets back.
+A run re-plans at most :data:`MAX_REPLANS` times; every re-plan is an :class:`Adjustment` the
+caller gets back. With the plan's predictions (:func:`choose_rung` is given a predictor) one re-plan
+may skip rungs: it takes the first rung whose predicted peak, raised by what the failed stage was
+measured to need beyond its prediction, fits the memory available now.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from ..errors import EngineError
+from ..device.spec import format_bytes
 from ..plan.aemode import AEMode
 from ..plan.settings import Attention, CFGMode, Offload, Settings
 
@@ -95,3 +99,35 @@ def next_settings(stage: str, s: Settings, *, accelerator: bool, frames: int) ->
     if accelerator and s.offload is Offload.NONE:
         return replace(s, offload=Offload.MODEL)
     return None
+
+
+def ladder(stage: str, s: Settings, *, accelerator: bool, frames: int) -> Iterator[Settings]:
+    """Every rung below ``s`` for ``stage``, largest first (each one includes the rungs above it)."""
+    while (s := next_settings(stage, s, accelerator=accelerator, frames=frames)) is not None:
+        yield s
+
+
+Predictor = Callable[[str, Settings], int]  # (stage, settings) -> the plan's predicted peak bytes
+
+
+def choose_rung(stage: str, s: Settings, *, accelerator: bool, frames: int, available: int,
+                need: int = 0, predict: Predictor | None = None) -> tuple[Settings | None, str]:
+    """The settings to continue ``stage`` with, and why (empty without predictions).
+
+    Without ``predict``: one rung down. With it: the first rung whose predicted peak, scaled by
+    ``need / predicted`` for the current settings when the stage was measured to need more than
+    predicted (the measurement is a floor, never a discount), fits ``available``; the smallest
+    rung when none is predicted to fit. None when nothing is left below ``s``.
+    """
+    rungs = list(ladder(stage, s, accelerator=accelerator, frames=frames))
+    if not rungs or predict is None:
+        return (rungs[0] if rungs else None), ""
+    predicted = predict(stage, s)
+    scale = max(1.0, need / predicted) if predicted > 0 else 1.0
+    measured = (f"; it was measured needing {format_bytes(need)}, {scale:.2f}x the predicted "
+                f"{format_bytes(predicted)}, so every prediction is scaled by that" if scale > 1 else "")
+    for rung in rungs:
+        if (after := int(predict(stage, rung) * scale)) <= available:
+            return rung, (f"{measured}; the new settings are predicted at {format_bytes(after)} "
+                          f"within the {format_bytes(available)} available")
+    return rungs[-1], f"{measured}; no setting is predicted to fit {format_bytes(available)}: the smallest"
