@@ -112,19 +112,14 @@ def meta_twin(module: nn.Module, precision: Precision, attention: SVDAttention =
         try:
             twin = _build_twin(module)
         except Exception as err:  # a config the class cannot rebuild itself from
-            raise InvalidArgument(f"`pipe.{_name_of(module)}` ({type(module).__name__}) could not be "
-                                  f"rebuilt on the meta device from its config ({err}); plan only "
-                                  "pipelines of diffusers/transformers modules.") from err
+            raise InvalidArgument(f"`pipe`'s {type(module).__name__} could not be rebuilt on the meta "
+                                  f"device from its config ({err}); plan only pipelines of "
+                                  "diffusers/transformers modules.") from err
         apply_precision(twin, precision, device="cpu")
         if attention is SVDAttention.FF_CHUNK:
             twin.enable_forward_chunking(chunk_size=1, dim=0)
         _TWINS[key] = twin
     return _TWINS[key]
-
-
-def _name_of(module: nn.Module) -> str:
-    return {"CLIPVisionModelWithProjection": "image_encoder"}.get(type(module).__name__,
-                                                                   type(module).__name__)
 
 
 def weights_bytes(module: nn.Module, precision: Precision) -> int:
