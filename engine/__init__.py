@@ -21,7 +21,11 @@ The pieces underneath (imported lazily, so ``import engine`` is cheap)::
 
 The memory-aware pieces also work on someone else's modules: ``apply_autoencode_policy`` /
 ``decode_frames`` / ``encode_frames`` on any VAE with ``encode``/``decode``, ``VAEMemoryModel``
-to predict a VAE's peak, ``apply_offload`` on any container, ``trace_call`` on any call.
+to predict a VAE's peak, ``apply_offload`` on any container, ``trace_call`` on any call; and a diffusers
+``StableVideoDiffusionPipeline`` is planned from traces of its own modules (``docs/svd.md``)::
+
+    plan = plan_svd(svd_pipe, height=576, width=1024, num_frames=14, max_memory="12GiB")
+    frames = svd_pipe(image, **apply_svd_plan(svd_pipe, plan)).frames
 """
 import importlib
 import logging
@@ -52,6 +56,9 @@ _EXPORTS = {
     "set_attention_backend": "engine.runtime.attention",
     "VAEMemoryModel": "engine.estimate.vae.memory", "StageEstimator": "engine.estimate.unet.estimator",
     "trace_call": "engine.estimate.tracing.trace",
+    "plan_svd": "engine.integrations.svd.plan", "SVDPlan": "engine.integrations.svd.plan",
+    "SVDSettings": "engine.integrations.svd.settings",
+    "apply_svd_plan": "engine.integrations.svd.apply", "remove_svd_plan": "engine.integrations.svd.apply",
 }
 __all__ = list(_EXPORTS)
 

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.estimate",),
     ("engine.planner",),
     ("engine.device",),
-    ("engine.pipeline",),
+    ("engine.pipeline", "engine.integrations"),
     ("engine.batch",),
     ("engine.commands", "engine.cli", "engine.web", "engine.__init__", "engine.__main__"),
 )

@@ -114,7 +114,7 @@ def _floating(module: nn.Module) -> list[torch.Tensor]:
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
     for component in _components(model):
-        keep = set(getattr(component, "_keep_in_fp32_modules", _DEFAULT_KEEP_FP32))
+        keep = set(getattr(component, "_keep_in_fp32_modules", None) or _DEFAULT_KEEP_FP32)  # diffusers: None
         kept = {id(t) for m in component.modules() if type(m).__name__ in keep for t in _floating(m)}
         for t in _floating(component):
             wanted = torch.float32 if id(t) in kept else dtype
