@@ -35,9 +35,6 @@ __all__ = ["SVDPlan", "plan_svd"]
 _CPU_NOTES = ("offload: none on the CPU; the weights already live in host memory, so diffusers' model "
               "offload would move nothing",
               "precision: fp32, then bf16 on the CPU; fp16 is not searched there (slow CPU kernels)")
-def _size(n: int) -> str:
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
-
 
 _COMMON_NOTES = ("held tensors assume one image, num_videos_per_prompt=1 and at least two denoising steps",
                  "numpy/PIL outputs (output_type 'np' or 'pil') are copies outside torch, not counted")
@@ -80,11 +77,11 @@ class SVDPlan:
     def explain(self) -> str:
         lines = [f"SVD {self.height}x{self.width}x{self.num_frames} on {self.device}: "
                  f"{self.settings.label()}",
-                 f"predicted peak {_size(self.peak_bytes)} of a {_size(self.budget_bytes)} budget"]
+                 f"predicted peak {format_bytes(self.peak_bytes)} of a {format_bytes(self.budget_bytes)} budget"]
         for s in self.stages:
-            lines.append(f"  {s.name:<12} {_size(s.peak_bytes):>10} = weights {_size(s.weights_bytes)} "
-                         f"({'+'.join(s.resident)}) + held {_size(s.held_bytes)} + call {_size(s.call_bytes)}")
-        lines += [f"  rejected: {label} needs {_size(need)}" for label, need in self.rejected]
+            lines.append(f"  {s.name:<12} {format_bytes(s.peak_bytes):>10} = weights {format_bytes(s.weights_bytes)} "
+                         f"({'+'.join(s.resident)}) + held {format_bytes(s.held_bytes)} + call {format_bytes(s.call_bytes)}")
+        lines += [f"  rejected: {label} needs {format_bytes(need)}" for label, need in self.rejected]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
