@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidArgument
 from .logs import warn_once
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _ATTRIBUTE_DICTS = ("lightning_fabric.utilities.data.AttributeDict",
                     "lightning.pytorch.utilities.parsing.AttributeDict")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidArgument):
     """A checkpoint that cannot be loaded into the chosen config; the message says why and what to do."""
 
 
@@ -115,24 +116,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _normalise_keys(_unwrap(sd, path))
 
 
-def check_checkpoint_path(path: str | os.PathLike) -> Path:
-    """The cheap checks of ``--ckpt`` (there, a file, not empty, readable), made before anything is
-    planned or built; :func:`read_state_dict` makes them again when it reads the file."""
-    return _existing_file(Path(path).expanduser())
+def check_checkpoint_path(path: str | os.PathLike, argument: str = "--ckpt") -> Path:
+    """The cheap checks of a checkpoint path (there, a file, not empty, readable), made before
+    anything is planned or built; :func:`read_state_dict` makes them again when it reads the file.
+    Errors name ``argument`` (the CLI flag, or the library's parameter)."""
+    return _existing_file(Path(path).expanduser(), argument)
 
 
-def _existing_file(path: Path) -> Path:
+def _existing_file(path: Path, argument: str = "--ckpt") -> Path:
     if path.is_dir():
-        raise CheckpointError(f"`--ckpt` {str(path)!r} is a directory; pass the checkpoint file "
+        raise CheckpointError(f"`{argument}` {str(path)!r} is a directory; pass the checkpoint file "
                               "inside it (DynamiCrafter ships it as model.ckpt).")
     if not path.is_file():
-        raise CheckpointError(f"`--ckpt` {str(path)!r} does not exist; pass the path of a "
+        raise CheckpointError(f"`{argument}` {str(path)!r} does not exist; pass the path of a "
                               "DynamiCrafter model.ckpt or a converted .safetensors file.")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"`--ckpt` {str(path)!r} is empty (0 bytes); the download or copy "
+        raise CheckpointError(f"`{argument}` {str(path)!r} is empty (0 bytes); the download or copy "
                               "did not finish, so fetch the checkpoint again.")
     if not os.access(path, os.R_OK):
-        raise CheckpointError(f"`--ckpt` {str(path)!r} cannot be read (permission denied); make it "
+        raise CheckpointError(f"`{argument}` {str(path)!r} cannot be read (permission denied); make it "
                               "readable (chmod +r) or copy it somewhere you can read.")
     return path
 

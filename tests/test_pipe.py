@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import engine
-from engine import InvalidArgument, Pipeline
+from engine import EngineError, InvalidArgument, Pipeline
 from engine.pipeline.image_io import EXAMPLE_IMAGE
 from engine.pipeline.options import GenerateOptions
 from engine.pipeline.pipe import as_image_input
@@ -155,3 +155,13 @@ def test_weights_stay_on_the_card_until_release():
     pipe.release()
     assert {p.device.type for p in pipe.model.parameters()} == {"cpu"}
     assert {p.dtype for p in pipe.model.parameters()} == {torch.float32}
+
+
+def test_a_lazy_pipeline_plans_before_it_loads_the_weights():
+    pipe = Pipeline.from_config("tiny", device="cpu", lazy=True)
+    plan = pipe.plan(64, 64, 4, steps=2)
+    assert pipe._model is None and "weights not loaded yet" in repr(pipe)  # planning needed no weights
+    out = pipe(str(EXAMPLE_IMAGE), "a lake", plan=plan, steps=2, progress=False)
+    assert out.frames.shape == (4, 64, 64, 3) and pipe._model is not None
+    with pytest.raises(EngineError, match="^`ckpt` .* does not exist"):
+        Pipeline.from_config("tiny", "/nope/model.ckpt", lazy=True)  # said at once, not at the first call

@@ -165,7 +165,7 @@ def run(args) -> int:
 
     from ..config import load_spec
     from ..device.spec import format_bytes
-    from ..pipeline.loading import load_model
+    from ..pipeline.pipe import Pipeline
 
     max_memory = _check_run_inputs(args)  # seconds, before the config, the plan and the weights
     spec = load_spec(args.config)
@@ -176,12 +176,12 @@ def run(args) -> int:
     memory = "host RAM" if plan.device.kind == "cpu" else "device memory"
     print(f"plan: {plan.settings.describe()}; predicted peak {format_bytes(plan.peak_bytes)} "
           f"of {format_bytes(plan.budget_bytes)} {memory}")
-    # weights stay on the CPU (memory-mapped) until the plan's precision and offload place them:
-    # casting on the device first would hold the fp32 copy there
-    model = load_model(spec.source, args.ckpt, device="cpu")
+    # the library's pipeline, loaded now that the plan fits: weights stay on the CPU (memory-mapped)
+    # until the plan's precision and offload place them
+    pipe = Pipeline.from_config(spec, args.ckpt, device=args.device, lazy=True)._loaded()
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM saves the run like Ctrl-C
     try:
-        return _generate_and_write(args, model, opts, plan, state, max_memory)
+        return _generate_and_write(args, pipe, opts, plan, state, max_memory)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -207,17 +207,18 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def _generate_and_write(args, model, opts, plan, state, max_memory) -> int:
+def _generate_and_write(args, pipe, opts, plan, state, max_memory) -> int:
     import sys
 
-    from ..pipeline.generate import generate
     from ..pipeline.resume import Interrupted
+    from ..pipeline.video_io import write_png_frames
     from ..runtime.recovery import OutOfMemory
-    from ..pipeline.video_io import to_uint8_frames, write_png_frames, write_video
 
     try:
-        result = generate(model, opts, plan, device=args.device, progress=not args.quiet,
-                          max_memory=max_memory, resume=state)
+        out = pipe(opts.image, opts.prompt, image2=opts.image2, mode=opts.mode, height=opts.height,
+                   width=opts.width, frames=opts.frames, steps=opts.steps, seed=opts.seed, cfg=opts.cfg,
+                   cfg_img=opts.cfg_img, fs=opts.fs, eta=opts.eta, fps=opts.fps, plan=plan,
+                   max_memory=max_memory, resume=state, progress=not args.quiet)
     except (Interrupted, OutOfMemory) as stop:
         why = str(stop).replace("`max_memory`", "`--max-memory`").rstrip(".")  # the CLI's flag
         if getattr(stop, "state", None) is None or stop.state.latents.numel() == 0:
@@ -229,12 +230,11 @@ def _generate_and_write(args, model, opts, plan, state, max_memory) -> int:
               file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 2
     if args.save_latents is not None:
-        print(f"saved latents to {result.state.save(Path(args.save_latents).expanduser())}")
-    frames = to_uint8_frames(result.video)
-    out = write_video(frames, Path(args.out).expanduser(), fps=opts.fps)
+        print(f"saved latents to {out.state.save(Path(args.save_latents).expanduser())}")
+    written = out.save(args.out)  # the video, and what made it in its comment and a .json beside it
+    frames, total = out.frames, sum(out.timings.values())
     if args.png_dir is not None:
         write_png_frames(frames, args.png_dir)
-    total = sum(result.timings.values())
-    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+    print(f"wrote {written} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"{total:.1f} s{', random weights' if args.ckpt is None else ''})")
     return 0

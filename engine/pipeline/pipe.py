@@ -169,25 +169,52 @@ class Pipeline:
     """
 
     def __init__(self, model, device: str | torch.device | None = None):
-        self.model = model
+        self._model = model
+        self._spec = model.spec if model is not None else None
+        self._loader: Callable[[], object] | None = None
         self.device = torch.device(device) if device is not None else default_device()
-        self._lock = threading.Lock()  # the probe and the plan cache
+        self._lock = threading.Lock()  # the probe, the plan cache and the lazy load
         self._planning = threading.Lock()  # one plan at a time: the estimators' caches are shared
         self._device_spec: DeviceSpec | None = None
         self._plans: dict[tuple, Plan] = {}
 
     @classmethod
     def from_config(cls, config, ckpt: str | os.PathLike | None = None,
-                    device: str | torch.device | None = None) -> Pipeline:
-        """Load ``config`` (a built-in name or a YAML path) with ``ckpt`` (None: random weights).
+                    device: str | torch.device | None = None, *, lazy: bool = False) -> Pipeline:
+        """Load ``config`` (a built-in name, a YAML path or a loaded ``ModelSpec``) with ``ckpt``
+        (None: random weights).
 
         The weights load on the CPU (memory-mapped); the first call's plan casts and places them, so
-        a half-precision plan never holds an fp32 copy on the card."""
-        return cls(load_model(config, None if ckpt is None else str(ckpt), device="cpu"), device)
+        a half-precision plan never holds an fp32 copy on the card. ``lazy=True`` reads only the
+        config now and loads the weights on the first call (or :attr:`model`): :meth:`plan` works
+        without them, so a workload that cannot fit is refused before seconds of loading."""
+        from ..config import load_spec
+
+        spec = load_spec(config) if not hasattr(config, "unet") else config
+        path = None if ckpt is None else str(ckpt)
+        if path is not None:
+            from ..checkpoint import check_checkpoint_path
+
+            check_checkpoint_path(path, "ckpt")  # a missing file is said now, not at the first call
+        pipe = cls(None, device)
+        pipe._spec, pipe._loader = spec, lambda: load_model(spec.source, path, device="cpu")
+        return pipe if lazy else pipe._loaded()
+
+    def _loaded(self) -> Pipeline:
+        self.model  # noqa: B018 - loads the weights
+        return self
+
+    @property
+    def model(self):
+        """The loaded model (a lazy pipeline loads its weights here, once)."""
+        with self._lock:
+            if self._model is None:
+                self._model, self._loader = self._loader(), None
+            return self._model
 
     @property
     def spec(self):
-        return self.model.spec
+        return self._spec
 
     def device_spec(self) -> DeviceSpec:
         """This pipeline's device as probed (once; later calls reuse it)."""
@@ -284,7 +311,9 @@ class Pipeline:
     def release(self) -> None:
         """Give back weights a call kept on the device (:func:`engine.release_model`): the model is
         again as loaded, on the CPU. The next call places them again; cached plans stay."""
-        release_model(self.model)
+        if self._model is not None:
+            release_model(self._model)
 
     def __repr__(self) -> str:
-        return f"Pipeline(config={self.spec.name!r}, device={str(self.device)!r}, plans={len(self._plans)})"
+        loaded = "" if self._model is not None else ", weights not loaded yet"
+        return f"Pipeline(config={self.spec.name!r}, device={str(self.device)!r}, plans={len(self._plans)}{loaded})"
