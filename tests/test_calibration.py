@@ -33,24 +33,34 @@ def test_a_run_calibrates_the_next_plan_on_its_device(tiny_model, cpu):
     assert any("lower bounds" in a for a in first.assumptions)
     result = generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)), first, progress=False)
     store = CalibrationStore(cpu, first.workload.config_digest)
-    measured = {r.name: r.time_s for r in result.stages}
-    for s in first.stages:  # the ratio of this run, for every stage
-        assert store.correction(s.name).runs == 1
-        assert store.correction(s.name).time == pytest.approx(measured[s.name] / s.time_s)
-        assert store.correction(s.name).memory == 1.0  # the CPU measures no peak: memory untouched
+    measured = {r.name: r for r in result.stages}
+    # the UNet and the VAE were timed once more at their smallest input: their fixed cost per call
+    assert {r.name for r in result.stages if r.call_s} == {"denoise", "vae_encode", "vae_decode"}
+    for s in first.stages:  # the ratio of this run, for every stage, beyond its calls' fixed cost
+        c, rec = store.correction(s.name), measured[s.name]
+        assert c.runs == 1 and c.call_s == (rec.call_s or 0.0)
+        assert c.time == pytest.approx(max(rec.time_s - s.calls * c.call_s, 0.05 * rec.time_s) / s.time_s)
+        assert c.memory == 1.0  # the CPU measures no peak: memory untouched
+    assert first.stage("denoise").calls == 2 * (1 if first.settings.cfg == "batched" else 2)  # 2 steps
     second = make_plan(spec, 64, 96, 4, cpu, steps=2, calibrate=True)
     bare = make_plan(spec, 64, 96, 4, cpu, steps=2, calibrate=False)
     for a, b in zip(second.stages, bare.stages):
-        assert a.time_is == "calibrated" and a.time_s == pytest.approx(b.time_s * store.correction(a.name).time)
-        assert a.peak_bytes == b.peak_bytes
+        c = store.correction(a.name)
+        assert a.time_is == "calibrated" and a.time_s == pytest.approx(b.time_s * c.time + b.calls * c.call_s)
+        assert a.fixed_s == pytest.approx(b.calls * c.call_s) and a.peak_bytes == b.peak_bytes
     assert any("corrected by 1 calibrating run(s)" in a for a in second.assumptions)
     assert Plan.from_json(second.to_json()) == second
 
 
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):
-    from engine.device.spec import catalog_device
+    from dataclasses import replace
 
-    plan = make_plan(load_spec("tiny"), 64, 64, 4, catalog_device("rtx-4090"), steps=2)
+    spec = load_spec("tiny")
+    probed = make_plan(spec, 64, 64, 4, cpu, steps=2)
+    generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)), probed, progress=False)
+    assert all(s.time_is == "calibrated" for s in make_plan(spec, 64, 64, 4, cpu, steps=2).stages)
+    # the same device known from a catalogue (numbers on paper): its plans are never corrected
+    plan = make_plan(spec, 64, 64, 4, replace(cpu, source="catalog"), steps=2)
     assert all(s.time_is == "lower_bound" for s in plan.stages)
 
 

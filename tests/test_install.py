@@ -62,11 +62,10 @@ def installed(tmp_path_factory):
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
           str(wheel)])
 
-    # The fit cache: a copy of this user's, so the installed copy never writes theirs, yet skips the
-    # first-plan fit tracing when they already have it (cold ~100 s on a 2-core CPU, warm ~35 s).
-    cache = root / "cache"
-    if default_cache_dir().is_dir():
-        shutil.copytree(default_cache_dir(), cache)
+    # The fit cache is this user's: its entries are keyed by the digests of the code that made them,
+    # so the installed copy (the same files) reads what the checkout fitted and what it fits serves
+    # the checkout too; nothing else is written there.
+    cache = default_cache_dir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv),
                ENGINE_CACHE_DIR=str(cache))

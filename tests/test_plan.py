@@ -158,10 +158,10 @@ def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypat
     assert "VAE times calibrated on this device" in after.assumptions
 
 
-def test_xformers_is_planned_only_where_its_kernels_ran(spec1024):
+def test_xformers_is_planned_only_where_its_kernels_ran():
     from dataclasses import replace
 
-    card = catalog_device("rtx-4090")
-    assert make_plan(spec1024, 576, 1024, 16, card).settings.attention == "sdpa"
+    spec, card = load_spec("tiny"), catalog_device("rtx-4090")  # the rule, not the model: tiny fits fast
+    assert make_plan(spec, 128, 128, 16, card).settings.attention == "sdpa"
     probed = replace(card, source="probe", xformers=True)
-    assert make_plan(spec1024, 576, 1024, 16, probed).settings.attention == "xformers"
+    assert make_plan(spec, 128, 128, 16, probed, calibrate=False).settings.attention == "xformers"

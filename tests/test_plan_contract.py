@@ -199,7 +199,7 @@ def test_two_threads_sharing_a_model_each_get_their_own_run(tiny_model):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in jobs for _ in range(2)]
+    threads = [threading.Thread(target=work, args=(k,)) for k in jobs]
     for t in threads:
         t.start()
     for t in threads:

@@ -77,8 +77,9 @@ def run(args) -> int:
     if "calibration_reset_files" in info:
         print(f"calibration reset ({info['calibration_reset_files']} file(s) removed)")
     for model, stages in info["calibration"].items():
-        factors = ", ".join(f"{k} time x{c['time']:.2f} memory x{c['memory']:.2f} ({c['runs']} runs)"
-                            for k, c in stages.items())
+        factors = ", ".join(f"{k} time x{c['time']:.2f}"
+                            + (f" + {c['call_s'] * 1e3:.1f} ms/call" if c.get("call_s") else "")
+                            + f" memory x{c['memory']:.2f} ({c['runs']} runs)" for k, c in stages.items())
         print(f"calibrated model {model}: {factors}")
     return 0
 

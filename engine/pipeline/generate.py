@@ -133,7 +133,7 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
     predict = stage_predictor(model.spec, plan) if plan is not None else None  # guides re-plans
     with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan, predict=predict) as run:
         try:
-            video = _run_stages(model, opts, run, progress, counts, progress_)
+            video = _run_stages(model, opts, run, progress, counts, progress_, _calibrating(plan, opts))
         except _StopRequested:
             video = None
         except KeyboardInterrupt as err:
@@ -150,9 +150,14 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
                           denoise_steps=counts["steps"], state=progress_.state(run), stopped=video is None)
 
 
+def _calibrating(plan, opts) -> bool:
+    """Whether this run can calibrate the next plans: a plan made for it on a probed device."""
+    return plan is not None and plan.device.source == "probe" and opts.steps == plan.workload.steps
+
+
 def _calibrate(plan, opts, run) -> None:
     """A run that followed its plan on a probed device calibrates the next plans there."""
-    if plan is None or plan.device.source != "probe" or run.adjustments or opts.steps != plan.workload.steps:
+    if not _calibrating(plan, opts) or run.adjustments:
         return
     CalibrationStore(plan.device, plan.workload.config_digest).record(plan, run.records)
 
@@ -209,7 +214,8 @@ def _recovering(run, name: str, attempt):
             run.recover(name, run.budget.position[1], err)
 
 
-def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict, saved) -> torch.Tensor:
+def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict, saved,
+                calibrating: bool = False) -> torch.Tensor:
     spec, device = model.spec, run.device
     generator = torch.Generator("cpu").manual_seed(opts.seed)
     images = _images(opts, device, run.input_dtype)
@@ -238,9 +244,24 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
                                                              progress, counts))
     flat, done = flat_latents(model, latents), []
     video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run, done))
+    if calibrating:
+        _time_minimal_calls(model, run, conds[0], saved.x, flat, images[0])
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()
+
+
+def _time_minimal_calls(model, run, cond: dict, x: torch.Tensor, flat: torch.Tensor, image: torch.Tensor) -> None:
+    """One call of the UNet and of the VAE each way at their smallest input: the fixed cost per
+    call that calibration separates from the part that grows with size (engine.planner.calibration)."""
+    side = 2 ** (len(model.spec.unet.channel_mult) - 1)  # the smallest latent the UNet halves down
+    pixels = side * model.spec.vae.downsample_factor
+    small = {**cond, "c_concat": cond["c_concat"][..., :side, :side]}
+    t = torch.full((x.shape[0],), 1, device=x.device, dtype=torch.long)
+    network, vae = unet_call(model), model.first_stage_model
+    run.time_minimal_call("denoise", lambda: network(x[..., :side, :side], t, small))
+    run.time_minimal_call("vae_encode", lambda: vae.encode(image[:1, :, :pixels, :pixels]))
+    run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:1, :, :side, :side]))
 
 
 def _denoiser_attempt(model, opts, run, conds, saved: _Progress, generator, progress: bool, counts: dict):

@@ -84,6 +84,8 @@ class StagePlan:
     terms: Mapping[str, int] = field(default_factory=dict)  # named parts of peak_bytes
     note: str = ""
     calibration: float = 1.0  # measured/predicted time factor applied from earlier runs (1: none)
+    calls: int = 1  # model calls the stage makes (UNet calls of the denoise, VAE calls of a chunked mode)
+    fixed_s: float = 0.0  # of time_s: the per-call fixed cost earlier runs measured, times calls
 
     @property
     def time_is(self) -> str:
@@ -94,6 +96,7 @@ class StagePlan:
         return {"name": self.name, "peak_bytes": int(self.peak_bytes),
                 "allocated_bytes": int(self.allocated_bytes), "time_s": float(self.time_s),
                 "time_is": self.time_is, "calibration": float(self.calibration),
+                "calls": int(self.calls), "fixed_s": float(self.fixed_s),
                 "terms": {k: int(v) for k, v in self.terms.items()}, "note": self.note}
 
 

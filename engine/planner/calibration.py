@@ -2,9 +2,15 @@
 
 Every run made from a plan records, per stage, measured / predicted time (and allocated peak
 where the device measures one) in a small JSON store in the user cache directory, keyed by the
-device and the model spec. The next plan for the same device and model multiplies its stage
+device and the model spec. The next plan for the same device and model corrects its stage
 predictions by those ratios and names the correction in its assumptions. Memory is only ever
 corrected upwards (a plan that under-predicted once keeps the margin). Torch-free.
+
+Time has two parts that scale differently: a fixed cost per model call (dispatch, kernel launches,
+Python: the same at any size) and the work the roofline predicts. One run at one size cannot tell
+them apart, so the run also times one minimal call of the stage's model (``StageRecord.call_s``);
+the correction is then ``time = ratio * roofline + calls * call_s``, with ``ratio`` from what the
+run measured beyond its calls' fixed cost, and it carries over to other sizes and call counts.
 
 ``engine probe`` shows the corrections; ``engine probe --reset-calibration`` drops them.
 """
@@ -22,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SMOOTHING = 0.5  # weight of the newest run in the running (geometric) mean of ratios
+_MIN_SCALED = 0.05  # a stage is never all fixed cost: noise in the minimal call cannot zero its ratio
 
 
 def calibration_dir() -> Path:
@@ -46,6 +53,7 @@ class Correction:
     time: float = 1.0
     memory: float = 1.0
     runs: int = 0
+    call_s: float = 0.0  # fixed seconds per model call, measured by a minimal call (0: not measured)
 
 
 class CalibrationStore:
@@ -72,13 +80,16 @@ class CalibrationStore:
             if predicted.time_s <= 0 or rec.time_s <= 0:
                 continue
             old = self.stages.get(rec.name, Correction())
+            weight = 1.0 if old.runs == 0 else _SMOOTHING
             base = _uncorrected(predicted)
-            time_ratio = rec.time_s / base["time_s"]
+            call_s = _blend_linear(old.call_s, getattr(rec, "call_s", None) or 0.0, weight)
+            # what the run spent beyond its calls' fixed cost is the part the roofline predicts
+            scaled = max(rec.time_s - predicted.calls * call_s, _MIN_SCALED * rec.time_s)
+            time_ratio = scaled / base["time_s"]
             memory_ratio = (rec.peak_bytes / base["allocated_bytes"]
                             if rec.peak_bytes and base["allocated_bytes"] else old.memory)
-            weight = 1.0 if old.runs == 0 else _SMOOTHING
             self.stages[rec.name] = Correction(_blend(old.time, time_ratio, weight),
-                                               _blend(old.memory, memory_ratio, weight), old.runs + 1)
+                                               _blend(old.memory, memory_ratio, weight), old.runs + 1, call_s)
         self._write()
 
     def _write(self) -> None:
@@ -104,23 +115,29 @@ def _blend(old: float, new: float, weight: float) -> float:
     return math.exp((1 - weight) * math.log(old) + weight * math.log(new))
 
 
+def _blend_linear(old: float, new: float, weight: float) -> float:
+    return (1 - weight) * old + weight * new
+
+
 def _uncorrected(stage) -> dict:
     """The prediction before calibration (a plan keeps the factor and the added bytes)."""
-    return {"time_s": stage.time_s / stage.calibration,
+    return {"time_s": (stage.time_s - stage.fixed_s) / stage.calibration,
             "allocated_bytes": stage.allocated_bytes - stage.terms.get("calibration", 0)}
 
 
 def corrected(stage, correction: Correction | None):
-    """``stage`` (a StagePlan) with ``correction`` applied: time scaled, memory only raised."""
+    """``stage`` (a StagePlan) with ``correction`` applied: the roofline time scaled and the
+    measured fixed cost of its calls added; memory only raised."""
     from dataclasses import replace
 
     if correction is None:
         return stage
     extra = max(0, int(stage.allocated_bytes * (correction.memory - 1.0)))
     terms = {**stage.terms, "calibration": extra} if extra else stage.terms
-    return replace(stage, time_s=stage.time_s * correction.time, calibration=correction.time,
-                   allocated_bytes=stage.allocated_bytes + extra, peak_bytes=stage.peak_bytes + extra,
-                   terms=terms)
+    fixed = stage.calls * correction.call_s
+    return replace(stage, time_s=stage.time_s * correction.time + fixed, calibration=correction.time,
+                   fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
+                   peak_bytes=stage.peak_bytes + extra, terms=terms)
 
 
 def reset_all(device=None) -> int:

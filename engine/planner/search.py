@@ -155,7 +155,8 @@ def _calibration_notes(store) -> tuple[str, ...]:
         return ("stage times are roofline lower bounds (marked >=) until a run on this device "
                 "calibrates them",)
     runs = max(c.runs for c in store.stages.values())
-    factors = ", ".join(f"{k} x{c.time:.2f}" for k, c in store.stages.items())
+    factors = ", ".join(f"{k} x{c.time:.2f}" + (f" + {c.call_s * 1e3:.1f} ms/call" if c.call_s else "")
+                        for k, c in store.stages.items())
     return (f"stage times corrected by {runs} calibrating run(s) on this device: {factors} "
             "(`engine probe --reset-calibration` drops them)",)
 
@@ -271,6 +272,16 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
     return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
 
 
+def _model_calls(name: str, unet_calls: int, mode, s: Settings, w: Workload, downsample: int) -> int:
+    """Model calls of a stage: the UNet's for the denoise, the VAE's of the AE mode, else one."""
+    if mode is None:
+        return unet_calls
+    from ..estimate.timing.layout import call_layout  # torch-free
+
+    frames = w.encoded_frames(s) if name == "vae_encode" else w.frames
+    return call_layout(mode, frames, w.height, w.width, downsample).calls
+
+
 def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, host_bytes, store=None):
     """Predict every stage of candidate ``s``; returns (settings with AE modes, stages, reason or None)."""
     weights = est.weights(s.precision.value)
@@ -305,7 +316,8 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         stage = corrected(StagePlan(name, peak, allocated, t, {
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
             "carried": carried, "activations": act, "cached_blocks": reserved - allocated - alloc_extra,
-            "allocator": alloc_extra}, note), store.correction(name) if store else None)
+            "allocator": alloc_extra}, note, calls=_model_calls(name, n, mode, s, w, est.spec.vae.downsample_factor)),
+            store.correction(name) if store else None)
         stages.append(stage)
         if reason is None and stage.peak_bytes > budget:
             reason = f"{name} needs {format_bytes(stage.peak_bytes)} > budget {format_bytes(budget)}"

@@ -35,6 +35,7 @@ from .residency import Kept, TensorRecord, model_state, place
 
 log = logging.getLogger(__name__)
 
+_MINIMAL_CALL_REPEATS = 5
 # DynamiCrafter never freezes these: autocast then caches fp16 copies of their weights
 _GRAD_COMPONENTS = ("unet", "image_proj")
 
@@ -47,10 +48,11 @@ class StageRecord:
     resident: tuple[str, ...]
     time_s: float
     peak_bytes: int | None = None  # the allocator's peak on CUDA; None where the device gives none
+    call_s: float | None = None  # a minimal call of the stage's model: its fixed cost per call
 
     def to_dict(self) -> dict:
         return {"name": self.name, "resident": list(self.resident), "time_s": self.time_s,
-                "peak_bytes": self.peak_bytes}
+                "peak_bytes": self.peak_bytes, "call_s": self.call_s}
 
 
 @dataclass
@@ -137,10 +139,7 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.budget.at(name, reset_peak=True)
         start = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            if self.offload is not None:
-                stack.enter_context(self.offload.onload(*stage_of(name).components))
-            stack.enter_context(precision_context(self.settings.precision, self.device))
+        with self._placed(name):
             resident = self._resident()
             yield self
         if cuda:
@@ -148,6 +147,41 @@ class Run:
         peak = (max(torch.cuda.max_memory_allocated(self.device), self.budget.peak_floor) if cuda
                 else self.budget.stage_peak())
         self.records.append(StageRecord(name, resident, time.perf_counter() - start, peak))
+
+    @contextlib.contextmanager
+    def _placed(self, name: str):
+        """Stage ``name``'s components resident and the plan's precision regime."""
+        with contextlib.ExitStack() as stack:
+            if self.offload is not None:
+                stack.enter_context(self.offload.onload(*stage_of(name).components))
+            stack.enter_context(precision_context(self.settings.precision, self.device))
+            yield
+
+    def time_minimal_call(self, name: str, call) -> None:
+        """Time ``call`` (one call of stage ``name``'s model at its smallest input: what every call
+        costs whatever its size) and keep it in the stage's record as ``call_s``, for calibration.
+
+        Best of five after a warm-up (a new shape's one-off costs: oneDNN primitives, cuDNN
+        autotuning): the fixed cost is multiplied by every call of the next plans, so its noise
+        must be small. Outside the stage's time; a failure only leaves ``call_s`` unmeasured.
+        """
+        cuda = self.device.type == "cuda"
+        self.budget.at("calibration")  # outside every stage: no fault or measurement of theirs
+        try:
+            with self._placed(name), torch.no_grad():
+                call()
+                best = float("inf")
+                for _ in range(_MINIMAL_CALL_REPEATS):
+                    start = time.perf_counter()
+                    call()
+                    if cuda:
+                        torch.cuda.synchronize(self.device)
+                    best = min(best, time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            log.info("no room for the minimal %s call; its fixed cost stays unmeasured", name)
+            return
+        i = max(i for i, r in enumerate(self.records) if r.name == name)
+        self.records[i] = replace(self.records[i], call_s=best)
 
     def _resident(self) -> tuple[str, ...]:
         if self.offload is None:
