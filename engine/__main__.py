@@ -1,7 +1,7 @@
 """``python -m engine``: the command line; also what ``accelerate launch -m engine batch`` runs."""
 import sys
 
-from .cli import main
+from .cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

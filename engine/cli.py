@@ -57,5 +57,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# verbs that build models but never use Hugging Face transformers (batch and serve load accelerate
+# and gradio, which look for it)
+_WITHOUT_TRANSFORMERS = ("generate", "plan", "probe", "inspect", "convert")
+
+
+def console_main() -> int:
+    """The ``engine`` command in its own process (console script, ``python -m engine``).
+
+    open_clip imports Hugging Face ``transformers`` whenever it is installed (1.3 s of a cold plan
+    on a 2-core CPU) for text towers DynamiCrafter's encoders do not use, and these verbs never use
+    it either: this process hides it, and open_clip falls back as it does where transformers is not
+    installed. A library user's process (``engine.cli.main`` called in-process) is left alone.
+    """
+    argv = sys.argv[1:]
+    words = [a for a in argv if a not in ("-v", "--verbose")]
+    verb = words[0] if words and not words[0].startswith("-") else "generate"  # main()'s demo rule
+    if verb in _WITHOUT_TRANSFORMERS and "transformers" not in sys.modules:
+        sys.modules["transformers"] = None  # `import transformers` raises ImportError here
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

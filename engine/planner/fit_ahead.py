@@ -66,6 +66,14 @@ def helper_jobs(est, candidates, work, batch_of: Callable) -> list[Job]:
     return [job for job in (*list(unet.values())[::-1], *vae.values()) if job is not None]
 
 
+def lead_job(jobs: list[Job]) -> Job | None:
+    """The UNet regime the planner asks for first, which the helper reaches last (None with one
+    regime or none): the planning process fits it after the encoders, before the VAE, so that the
+    helper takes the VAE after its first regime and each process traces about half."""
+    unet = [job for job in jobs if job[0].startswith("UNet")]
+    return unet[-1] if len(unet) > 1 else None
+
+
 def start_helper(est, jobs: list[Job]):
     """Fork a process that runs ``jobs`` silently; return it (to :func:`reap`), or None when no
     helper is allowed or there is nothing to fit."""

@@ -20,7 +20,7 @@ from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, p
                              reference_settings)
 from ..plan.stages import STAGE_NAMES
 from .calibration import CalibrationStore, corrected
-from .fit_ahead import helper_jobs, reap, start_helper
+from .fit_ahead import helper_jobs, lead_job, reap, start_helper
 from .costs import DeviceTerms, reserved_after, resident_bytes, roofline_seconds, transfer_bytes
 
 
@@ -121,8 +121,11 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
     fitting, rejected = [], []
     candidates = candidate_settings(device, forced, spec.perframe_ae)
     # a cold cache: a helper process fits the VAE and batch-1 UNet laws while this one fits the rest
-    helper = start_helper(est, helper_jobs(est, candidates, work, lambda s: _unet_calls(s, work)[1]))
+    jobs = helper_jobs(est, candidates, work, lambda s: _unet_calls(s, work)[1])
+    helper = start_helper(est, jobs)
     try:
+        if helper is not None and (lead := lead_job(jobs)) is not None:
+            _lead_fits(est, candidates[0], work, lead)
         for cand in candidates:
             chosen, stages, reason = evaluate(cand, work, device, budget, est, host_bytes, store)
             (rejected if reason else fitting).append((chosen, stages, reason))
@@ -270,6 +273,16 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
     e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
                   attention=s.attention, cfg_batch=batch, guidance=w.guidance)
     return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
+
+
+def _lead_fits(est, s: Settings, w: Workload, lead) -> None:
+    """With a helper: the first candidate's encoders, then the UNet regime the helper would reach
+    last (:func:`~engine.planner.fit_ahead.lead_job`), then the search (VAE first) as usual."""
+    batch = _unet_calls(s, w)[1]
+    for name in ("text_encode", "image_encode"):
+        est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
+                  attention=s.attention, cfg_batch=batch, guidance=w.guidance)
+    lead[1]()
 
 
 def _model_calls(name: str, unet_calls: int, mode, s: Settings, w: Workload, downsample: int) -> int:
