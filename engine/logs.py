@@ -1,5 +1,5 @@
 """Logging helpers shared by the library: a warning that prints once per process, however often the
-code path that raises it runs (a per-stage estimate, a per-prompt encode)."""
+code path that raises it runs (a per-stage estimate, a per-prompt encode), and progress bars."""
 from __future__ import annotations
 
 import logging
@@ -34,3 +34,25 @@ def reset_warn_once() -> None:
     """Forget which warnings were logged (tests that assert a warning appears)."""
     with _lock:
         _seen.clear()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A ``tqdm`` bar that starts no monitor thread.
+
+    tqdm's monitor is a thread per process that lives on after the bar; a process running other
+    threads never forks the planner's fit helper (:mod:`engine.planner.fit_ahead`), so one DDIM
+    bar would make every later cold plan in that process sequential. The user's own bars keep
+    tqdm's default: only ours are made without it.
+    """
+    return _bar_class()(iterable, **kwargs)
+
+
+_BAR_CLASS: list = []
+
+
+def _bar_class():
+    if not _BAR_CLASS:
+        from tqdm import tqdm
+
+        _BAR_CLASS.append(type("EngineBar", (tqdm,), {"monitor_interval": 0}))
+    return _BAR_CLASS[0]

@@ -1,4 +1,4 @@
-"""Issue 8, item 3: the decode measures its first chunk and sizes the remaining chunks from it."""
+"""Issue 8, item 3: autoencoding measures its first chunk and sizes the remaining chunks from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -61,3 +61,30 @@ def test_without_a_measurement_the_plan_is_kept(tiny_model, plans):
     chosen, _ = plans("per-frame")
     out = generate(tiny_model, OPTS, chosen, progress=False)  # CPU, no cap: nothing is measured
     assert not out.adjustments and out.settings.ae_decode == AEMode(chunk=1)
+
+
+def test_an_encode_is_measured_and_resumes_after_its_last_group(tiny_model):
+    """The encode of every frame (DynamiCrafter's own execution) in groups: the first group is
+    measured and the rest sized from it; an out-of-memory error mid-encode resumes after the last
+    finished group with the same posterior draw."""
+    def plan(encode):
+        forced = make_plan(load_spec("tiny"), 64, 64, 8, probe_cpu(), steps=2, calibrate=False,
+                           force=f"cfg=batched,encode_all_frames=yes,ae_encode={encode}")
+        return forced, dataclasses.replace(forced, forced=("cfg=batched", "encode_all_frames=yes"))
+    forced, chosen = plan("per-frame")
+    ref = generate(tiny_model, OPTS, forced, max_memory="8GiB", progress=False)
+    out = generate(tiny_model, OPTS, chosen, max_memory="8GiB", progress=False)
+    [adjustment] = out.adjustments
+    assert adjustment.measured and adjustment.stage == "vae_encode" and out.settings.ae_encode == AEMode(chunk=7)
+    assert torch.allclose(out.video, ref.video, atol=1e-5)
+    budget, groups = MemoryBudget(None, "cpu"), []
+    budget.inject("vae_encode", 3)  # in the fourth one-frame group
+    hook = tiny_model.first_stage_model.encoder.register_forward_hook(
+        lambda module, args, out: groups.append(budget.position))  # each finished encoder call, and where
+    try:
+        resumed = generate(tiny_model, OPTS, forced, max_memory=budget, progress=False)
+    finally:
+        hook.remove()
+    assert [(a.stage, a.step) for a in resumed.adjustments] == [("vae_encode", 3)]
+    assert [g for g in groups if g[0] == "vae_encode"] == [("vae_encode", i) for i in range(8)]  # none twice
+    assert torch.allclose(resumed.video, ref.video, atol=1e-5)

@@ -149,8 +149,18 @@ def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypat
     from engine.models.autoencoder import AutoencoderKL
     from engine.planner.estimators import Estimators
 
+    import shutil
+
+    from engine.estimate.laws.cache import FitCache, default_cache_dir
+    from engine.estimate.timing.model import _cache_key, device_name
+
+    # this session's fits (no refitting), without a VAE time model of this device for the tiny VAE
+    if (default_cache_dir() / "fits").is_dir():
+        shutil.copytree(default_cache_dir() / "fits", tmp_path / "fits")
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
-    spec, cpu = load_spec("tiny"), probe_device()
+    spec = load_spec("tiny")
+    FitCache().path(_cache_key(AutoencoderKL(spec.vae), device_name("cpu"), torch.float32)).unlink(missing_ok=True)
+    cpu = probe_device()
     before = make_plan(spec, 128, 128, 16, cpu, estimators=Estimators(spec, cpu))
     assert not any("calibrated" in a for a in before.assumptions)
     AETimeModel.calibrate(AutoencoderKL(spec.vae).eval(), device="cpu", dtype=torch.float32, budget_s=2)

@@ -27,7 +27,7 @@ from ..sampling.schedule import ddim_timesteps
 from .conditioning import (assemble_conditions, concat_latents, image_conditions, text_conditions,
                            unet_call)
 from .image_io import prepare_image
-from .latents import decode_remaining, encode_condition_latents, flat_latents, training_alphas_cumprod
+from .latents import decode_remaining, encode_remaining, flat_latents, training_alphas_cumprod
 from .options import GenerateOptions, library_name, resolve_options, run_device
 from .resume import Interrupted, RunState
 
@@ -224,12 +224,12 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     text, empty = _recovering(run, "text_encode", lambda: text_conditions(
         model, opts.prompt, images[0].shape[0], use_cfg, device))
     img, zero_img = _recovering(run, "image_encode", lambda: image_conditions(model, images[0], use_cfg))
-    before_encode = generator.get_state()
+    before_encode, encoded = generator.get_state(), []  # ``encoded``: moments of finished groups
 
     def encode():
         generator.set_state(before_encode)  # a retried encode draws the same posterior noise
-        return encode_condition_latents(model, _frames_to_encode(images, opts, run.settings),
-                                        run.settings.ae_encode, generator)
+        frames = torch.cat(_frames_to_encode(images, opts, run.settings), dim=0)
+        return encode_remaining(model, frames, run, encoded, generator)
 
     z = _recovering(run, "vae_encode", encode)
     c_concat = concat_latents(z[0:1], z[-1:] if opts.mode != "i2v" else None, opts.frames, opts.mode)

@@ -6,17 +6,33 @@ import contextlib
 import numpy as np
 import torch
 
-from ..plan.aemode import AEMode
-from ..runtime.autoencode import decode_frames, encode_frames
+from ..runtime.autoencode import decode_frames, encode_moments, sample_moments
 from ..sampling.schedule import make_betas
 
 
 @torch.no_grad()
-def encode_condition_latents(model, images: list[torch.Tensor], mode: AEMode, generator) -> torch.Tensor:
-    """VAE-encode only the frames that are used, sample the posterior, scale by ``scale_factor``."""
-    x = torch.cat(images, dim=0)
-    z = encode_frames(model.first_stage_model, x, mode, sample=True, generator=generator)
-    return z * model.spec.scale_factor
+@torch.no_grad()
+def encode_remaining(model, x: torch.Tensor, run, done: list[torch.Tensor], generator) -> torch.Tensor:
+    """VAE-encode frames ``x`` (the used ones) not yet in ``done``, a group of
+    ``run.settings.ae_encode``'s chunk at a time, then sample the posterior once and scale it.
+
+    As :func:`decode_remaining`: finished groups' moments stay in ``done``, so an encode that runs
+    out of memory resumes after the last finished group; the first group is measured where the
+    device allows and the others sized from it. The posterior noise is drawn once over all frames
+    (the same draw whatever the grouping)."""
+    vae, start, total = model.first_stage_model, sum(d.shape[0] for d in done), x.shape[0]
+    while start < total:
+        mode = run.settings.ae_encode
+        group = min(mode.chunk or total - start, total - start)
+        run.budget.at("vae_encode", len(done))
+        first = not done and start + group < total and run.budget.measurable()
+        with run.budget.measuring() if first else contextlib.nullcontext({}) as measured:
+            done.append(encode_moments(vae, x[start:start + group], mode, argument="ae_encode")[0])
+        start += group
+        if first:
+            run.size_chunks("vae_encode", group, measured, total - start)
+    # the model's own KL autoencoder: a posterior, sampled as DynamiCrafter samples it
+    return sample_moments(torch.cat(done, dim=0), True, generator) * model.spec.scale_factor
 
 
 def flat_latents(model, z: torch.Tensor) -> torch.Tensor:

@@ -74,14 +74,14 @@ class _FitProgress:
     @contextlib.contextmanager
     def __call__(self, what: str):
         if self._bar is None:
-            from tqdm import tqdm
+            from ..logs import progress_bar
 
             home = str(Path.home())
             where = str(self.cache_dir)
             where = "~" + where[len(home):] if where.startswith(home + "/") else where
             print(f"engine: fitting memory laws for {self.spec.name} ({self.device_type}): once per "
                   f"architecture, cached in {where}", file=sys.stderr, flush=True)
-            self._bar = tqdm(total=_DEFAULT_FITS, file=sys.stderr, unit="fit", desc="fitting",
+            self._bar = progress_bar(total=_DEFAULT_FITS, file=sys.stderr, unit="fit", desc="fitting",
                              bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}")
         bar = self._bar
         bar.total = max(bar.total, bar.n + 1)

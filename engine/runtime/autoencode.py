@@ -62,8 +62,8 @@ from .vae_adapter import (VAECall, downsample_factor, module_place, takes_num_fr
 logger = logging.getLogger(__name__)
 
 __all__ = ["AEMode", "AutoencodeConfig", "AutoencodePolicy", "apply_autoencode_policy",
-           "decode_frames", "downsample_factor", "encode_frames", "get_autoencode_policy",
-           "remove_autoencode_policy"]
+           "decode_frames", "downsample_factor", "encode_frames", "encode_moments", "get_autoencode_policy",
+           "remove_autoencode_policy", "sample_moments"]
 
 _POLICY_ATTR = "_engine_autoencode_policy"
 _MISSING = object()
@@ -184,16 +184,23 @@ def encode_frames(vae, x: torch.Tensor, mode: AEMode | str = "batched", *, sampl
     Returns:
         The UNSCALED latent ``[N, C, H/f, W/f]`` (the pipeline multiplies by its scale factor).
     """
+    moments, deterministic = encode_moments(vae, x, mode, argument=argument)
+    return moments if deterministic else sample_moments(moments, sample, generator, noise)
+
+
+def encode_moments(vae, x: torch.Tensor, mode: AEMode | str = "batched", *,
+                   argument: str = "mode") -> tuple[torch.Tensor, bool]:
+    """``(moments, deterministic)``: the posterior's ``cat(mean, logvar)`` of frames ``x`` in
+    ``mode``, not yet sampled (a caller encoding a clip in groups samples once, at the end, with
+    :func:`sample_moments`); ``deterministic``: the encoder returned a latent, not a posterior."""
     _check_4d(x, "x")
     mode = AEMode.parse(mode, argument)
     caller = VAECall(_original(vae, "encode"), decode=False)
     moments = _run(caller, x, mode, downsample_factor(vae), None, _prepare(vae), argument)
-    if caller.deterministic:
-        return moments
-    return _sample_moments(moments, sample, generator, noise)
+    return moments, caller.deterministic
 
 
-def _sample_moments(moments, sample: bool, generator, noise) -> torch.Tensor:
+def sample_moments(moments, sample: bool = True, generator=None, noise=None) -> torch.Tensor:
     """``mean + std * noise`` drawn once over all frames, as ``DiagonalGaussian.sample``."""
     c = moments.shape[1] // 2
     mean = moments[:, :c]

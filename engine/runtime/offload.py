@@ -21,7 +21,7 @@ Design (how the orchestrator drives it): the pipeline names the components each 
     with handle.onload("text_encoder", "image_encoder", "image_proj"):
         cond = build_conditions(...)
     with handle.onload("vae"):
-        z = encode_condition_latents(...)
+        z = encode_remaining(...)
     with handle.onload("unet"):          # block mode: frees the others; blocks load themselves
         latents = sample_ddim(...)
     with handle.onload("vae"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..logs import progress_bar
 
 from .schedule import _as_float64, ddim_sigmas
 
@@ -134,7 +134,7 @@ def sample_ddim(model, x: torch.Tensor, timesteps, extra_args: dict | None = Non
         raise ValueError(f"`start_index` must be an integer in [0, {total}], got {start_index!r}; pass the "
                          f"number of finished steps (the last callback's i + 1).")
     noise_device = generator.device if generator is not None else x.device
-    for i in tqdm(range(start_index, total), total=total, initial=start_index, disable=disable, desc="DDIM"):
+    for i in progress_bar(range(start_index, total), total=total, initial=start_index, disable=disable, desc="DDIM"):
         index = total - 1 - i
         t = int(c.timesteps[index])
         ts = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
