@@ -10,27 +10,36 @@ from ..runtime.autoencode import decode_frames, encode_moments, sample_moments
 from ..sampling.schedule import make_betas
 
 
-@torch.no_grad()
-@torch.no_grad()
-def encode_remaining(model, x: torch.Tensor, run, done: list[torch.Tensor], generator) -> torch.Tensor:
-    """VAE-encode frames ``x`` (the used ones) not yet in ``done``, a group of
-    ``run.settings.ae_encode``'s chunk at a time, then sample the posterior once and scale it.
+def _in_groups(run, stage: str, total: int, done: list[torch.Tensor], call) -> None:
+    """Append ``call(start, frames, mode)`` to ``done`` for each group of the frames ``done`` does
+    not hold yet, as many frames a group as the stage's current mode chunks.
 
-    As :func:`decode_remaining`: finished groups' moments stay in ``done``, so an encode that runs
-    out of memory resumes after the last finished group; the first group is measured where the
-    device allows and the others sized from it. The posterior noise is drawn once over all frames
-    (the same draw whatever the grouping)."""
-    vae, start, total = model.first_stage_model, sum(d.shape[0] for d in done), x.shape[0]
+    Finished groups stay in ``done``, so a stage that runs out of memory resumes after the last
+    finished group with a smaller mode. The run's first group is measured where the device allows
+    and the remaining groups are sized from it (:meth:`engine.runtime.executor.Run.size_chunks`).
+    """
+    key = "ae_encode" if stage == "vae_encode" else "ae_decode"
+    start = sum(d.shape[0] for d in done)
     while start < total:
-        mode = run.settings.ae_encode
+        mode = getattr(run.settings, key)
         group = min(mode.chunk or total - start, total - start)
-        run.budget.at("vae_encode", len(done))
+        run.budget.at(stage, len(done))
         first = not done and start + group < total and run.budget.measurable()
         with run.budget.measuring() if first else contextlib.nullcontext({}) as measured:
-            done.append(encode_moments(vae, x[start:start + group], mode, argument="ae_encode")[0])
+            done.append(call(start, group, mode))
         start += group
         if first:
-            run.size_chunks("vae_encode", group, measured, total - start)
+            run.size_chunks(stage, group, measured, total - start)
+
+
+@torch.no_grad()
+def encode_remaining(model, x: torch.Tensor, run, done: list[torch.Tensor], generator) -> torch.Tensor:
+    """VAE-encode frames ``x`` (the used ones) in groups (:func:`_in_groups`; ``done`` keeps the
+    finished groups' posterior moments), then sample the posterior once over all frames (the same
+    draw whatever the grouping) and scale it."""
+    vae = model.first_stage_model
+    _in_groups(run, "vae_encode", x.shape[0], done,
+               lambda start, n, mode: encode_moments(vae, x[start:start + n], mode, argument="ae_encode")[0])
     # the model's own KL autoencoder: a posterior, sampled as DynamiCrafter samples it
     return sample_moments(torch.cat(done, dim=0), True, generator) * model.spec.scale_factor
 
@@ -43,25 +52,11 @@ def flat_latents(model, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_remaining(model, flat: torch.Tensor, run, done: list[torch.Tensor]) -> torch.Tensor:
-    """Decode the frames not yet in ``done``, one group of ``run.settings.ae_decode``'s chunk at a
-    time.
-
-    Finished groups are appended to ``done`` (on the CPU) as they complete, so a decode that runs
-    out of memory resumes after the last finished group with a smaller mode; returns all frames.
-    The run's first group is measured where the device allows, and the remaining groups are sized
-    from that measurement (:meth:`engine.runtime.executor.Run.size_chunks`).
-    """
-    start, total = sum(d.shape[0] for d in done), flat.shape[0]
-    while start < total:
-        mode = run.settings.ae_decode
-        group = min(mode.chunk or total - start, total - start)
-        run.budget.at("vae_decode", len(done))
-        first = not done and start + group < total and run.budget.measurable()
-        with run.budget.measuring() if first else contextlib.nullcontext({}) as measured:
-            done.append(decode_frames(model.first_stage_model, flat[start:start + group], mode).cpu())
-        start += group
-        if first:
-            run.size_chunks("vae_decode", group, measured, total - start)
+    """Decode the frames not yet in ``done`` in groups (:func:`_in_groups`; finished frames are kept
+    on the CPU); returns all frames."""
+    vae = model.first_stage_model
+    _in_groups(run, "vae_decode", flat.shape[0], done,
+               lambda start, n, mode: decode_frames(vae, flat[start:start + n], mode).cpu())
     return torch.cat(done, dim=0)
 
 
