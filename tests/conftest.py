@@ -14,6 +14,15 @@ def _private_calibration(tmp_path_factory):
     os.environ["ENGINE_CALIBRATION_DIR"] = str(tmp_path_factory.mktemp("calibration"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one of the machine's cores: torch's intra-op threads
+    would otherwise oversubscribe them (two workers with two threads each on two cores)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from engine.pipeline.loading import load_model

@@ -71,7 +71,9 @@ def test_outputs_are_checked_before_planning_and_loading(tmp_path, out, pattern)
 def test_sigterm_saves_the_run_and_resume_finishes_it(tiny_model, tmp_path):
     out = tmp_path / "v.mp4"
     args = CLI + ["--steps", "24", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the CLI's runs use this process's thread count, so the in-process run below is bit-comparable
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = ""
     while "DDIM" not in seen and proc.poll() is None:
         seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
@@ -81,7 +83,8 @@ def test_sigterm_saves_the_run_and_resume_finishes_it(tiny_model, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".partial-*"))
     saved = out.with_suffix(".resume.pt")
     assert saved.is_file() and "continue with: engine generate" in err and "Traceback" not in err
-    subprocess.run(CLI + ["--resume", str(saved), "--out", str(out), "--quiet"], check=True, capture_output=True)
+    subprocess.run(CLI + ["--resume", str(saved), "--out", str(out), "--quiet"], check=True, capture_output=True,
+                   env=env)
     # the uninterrupted run, in this process: the CLI's demo model is the fixture's (tiny, seed 0)
     from engine import Pipeline
     from engine.commands.generate import DEMO_PROMPT
