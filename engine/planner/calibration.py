@@ -82,7 +82,9 @@ class CalibrationStore:
             old = self.stages.get(rec.name, Correction())
             weight = 1.0 if old.runs == 0 else _SMOOTHING
             base = _uncorrected(predicted)
-            call_s = _blend_linear(old.call_s, getattr(rec, "call_s", None) or 0.0, weight)
+            # a run whose minimal call went unmeasured keeps what earlier runs measured
+            measured_call = getattr(rec, "call_s", None)
+            call_s = old.call_s if not measured_call else _blend_linear(old.call_s, measured_call, weight)
             # what the run spent beyond its calls' fixed cost is the part the roofline predicts
             scaled = max(rec.time_s - predicted.calls * call_s, _MIN_SCALED * rec.time_s)
             time_ratio = scaled / base["time_s"]
