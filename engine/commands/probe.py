@@ -33,6 +33,7 @@ def calibrate_vae(config: str, spec_device) -> float:
 def run(args) -> int:
     from ..device import host_memory, probe_device
     from ..device.spec import format_bytes
+    from ..planner.calibration import Correction
 
     if args.calibrate is not None:  # a bad config is answered before the device is measured
         from ..config import ConfigError, load_spec
@@ -77,9 +78,8 @@ def run(args) -> int:
     if "calibration_reset_files" in info:
         print(f"calibration reset ({info['calibration_reset_files']} file(s) removed)")
     for model, stages in info["calibration"].items():
-        factors = ", ".join(f"{k} time x{c['time']:.2f}"
-                            + (f" + {c['call_s'] * 1e3:.1f} ms/call" if c.get("call_s") else "")
-                            + f" memory x{c['memory']:.2f} ({c['runs']} runs)" for k, c in stages.items())
+        factors = ", ".join(f"{k} time {Correction(**c).time_text()} memory x{c['memory']:.2f} "
+                            f"({c['runs']} runs)" for k, c in stages.items())
         print(f"calibrated model {model}: {factors}")
     return 0
 

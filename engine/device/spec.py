@@ -26,7 +26,7 @@ def parse_size(text: str | int | float, argument: str = "--vram") -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"`{argument}` {text!r} is not a size; write it like 8GiB, 8G, 12GB or 6144MiB.")
+        raise InvalidArgument(f"`{argument}` {text!r} is not a size; write it like 8GiB, 8G, 12GB or 6144MiB.")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

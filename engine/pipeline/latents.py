@@ -6,6 +6,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ..plan.stages import stage as stage_of
 from ..runtime.autoencode import decode_frames, encode_moments, sample_moments
 from ..sampling.schedule import make_betas
 
@@ -18,7 +19,7 @@ def _in_groups(run, stage: str, total: int, done: list[torch.Tensor], call) -> N
     finished group with a smaller mode. The run's first group is measured where the device allows
     and the remaining groups are sized from it (:meth:`engine.runtime.executor.Run.size_chunks`).
     """
-    key = "ae_encode" if stage == "vae_encode" else "ae_decode"
+    key = stage_of(stage).ae_setting
     start = sum(d.shape[0] for d in done)
     while start < total:
         mode = getattr(run.settings, key)

@@ -20,14 +20,15 @@ class Stage:
     name: str
     components: tuple[str, ...]
     what: str
+    ae_setting: str | None = None  # the ``Settings`` field holding this stage's autoencoding mode
 
 
 STAGES = (
     Stage("text_encode", ("text_encoder",), "the prompt and the empty prompt through the text encoder"),
     Stage("image_encode", ("image_encoder", "image_proj"), "CLIP image tokens and the Resampler"),
-    Stage("vae_encode", ("vae",), "the used frame(s) into latents"),
+    Stage("vae_encode", ("vae",), "the used frame(s) into latents", "ae_encode"),
     Stage("denoise", ("unet",), "DDIM with classifier-free guidance"),
-    Stage("vae_decode", ("vae",), "latents into frames"),
+    Stage("vae_decode", ("vae",), "latents into frames", "ae_decode"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

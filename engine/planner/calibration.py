@@ -55,6 +55,10 @@ class Correction:
     runs: int = 0
     call_s: float = 0.0  # fixed seconds per model call, measured by a minimal call (0: not measured)
 
+    def time_text(self) -> str:
+        """``x0.81 + 24.6 ms/call``: the roofline factor and the measured per-call cost."""
+        return f"x{self.time:.2f}" + (f" + {self.call_s * 1e3:.1f} ms/call" if self.call_s else "")
+
 
 class CalibrationStore:
     """Corrections for one (device, model spec), read and written as one JSON file."""

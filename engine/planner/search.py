@@ -18,7 +18,7 @@ from ..errors import DoesNotFit, InvalidArgument, WrongType
 from ..plan.plan import Plan, Rejected, StagePlan, Workload
 from ..plan.settings import (Attention, CFGMode, Offload, Precision, Settings, parse_force,
                              reference_settings)
-from ..plan.stages import STAGE_NAMES
+from ..plan.stages import STAGE_NAMES, stage as stage_of
 from .calibration import CalibrationStore, corrected
 from .fit_ahead import helper_jobs, lead_job, reap, start_helper
 from .costs import DeviceTerms, reserved_after, resident_bytes, roofline_seconds, transfer_bytes
@@ -158,8 +158,7 @@ def _calibration_notes(store) -> tuple[str, ...]:
         return ("stage times are roofline lower bounds (marked >=) until a run on this device "
                 "calibrates them",)
     runs = max(c.runs for c in store.stages.values())
-    factors = ", ".join(f"{k} x{c.time:.2f}" + (f" + {c.call_s * 1e3:.1f} ms/call" if c.call_s else "")
-                        for k, c in store.stages.items())
+    factors = ", ".join(f"{k} {c.time_text()}" for k, c in store.stages.items())
     return (f"stage times corrected by {runs} calibrating run(s) on this device: {factors} "
             "(`engine probe --reset-calibration` drops them)",)
 
@@ -324,7 +323,7 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         # block offload prefetches the next block on a side stream: copies overlap the compute
         t = max(t, moving) if (s.offload is Offload.BLOCK and name == "denoise") else t + moving
         if mode is not None:
-            modes["ae_encode" if name == "vae_encode" else "ae_decode"] = mode
+            modes[stage_of(name).ae_setting] = mode
         note = f"x{n} calls" if n > 1 else (str(mode) if mode is not None else "")
         stage = corrected(StagePlan(name, peak, allocated, t, {
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,

@@ -102,7 +102,7 @@ class Run:
         chunk grows with its frames, and scaling the measured bytes per frame counts the fixed
         part again for every frame, so a grown chunk needs no more than predicted here.
         """
-        key = "ae_decode" if name == "vae_decode" else "ae_encode"
+        key = stage_of(name).ae_setting
         mode = getattr(self.settings, key)
         forced = {item.split("=")[0] for item in self.plan.forced} if self.plan is not None else set()
         if (self.plan is None or key in forced or "reference" in forced or mode is None or mode.tile is not None

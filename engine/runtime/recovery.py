@@ -25,6 +25,7 @@ from ..errors import EngineError
 from ..device.spec import format_bytes
 from ..plan.aemode import AEMode
 from ..plan.settings import Attention, CFGMode, Offload, Settings
+from ..plan.stages import stage as stage_of
 
 MAX_REPLANS = 3
 _SMALLEST_TILE = 128
@@ -93,7 +94,7 @@ def next_settings(stage: str, s: Settings, *, accelerator: bool, frames: int) ->
     if stage == "denoise":
         return _denoise_rung(s, accelerator)
     if stage in ("vae_encode", "vae_decode"):
-        key = "ae_encode" if stage == "vae_encode" else "ae_decode"
+        key = stage_of(stage).ae_setting
         mode = smaller_mode(getattr(s, key), frames)
         return None if mode is None else replace(s, **{key: mode})
     if accelerator and s.offload is Offload.NONE:

@@ -74,10 +74,7 @@ def check_budget(max_memory, device: str) -> int:
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float, str)):
         raise WrongType(f"`max_memory` has type {type(max_memory).__name__}; pass bytes (an int) or a "
                         "size such as '12GiB'.")
-    try:
-        budget = parse_size(max_memory, "max_memory")
-    except ValueError as err:
-        raise InvalidArgument(str(err)) from None
+    budget = parse_size(max_memory, "max_memory")  # InvalidArgument for a text that is no size
     if budget <= 0:
         raise InvalidArgument(f"`max_memory` {max_memory!r} is not a positive size; pass bytes or a size "
                               "such as '12GiB' (None: the device's free memory).")
@@ -93,9 +90,9 @@ def _available_bytes(device: str) -> int:
                                   "CUDA; pass the card's memory, e.g. max_memory='24GiB'.")
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_allocated(device)
-    import psutil
+    from ...device import host_memory
 
-    return psutil.virtual_memory().available
+    return host_memory()["available_bytes"]
 
 
 def too_small(budget: int, floor: int, what: str) -> InvalidArgument:
