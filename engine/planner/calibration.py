@@ -56,7 +56,7 @@ class Correction:
     call_s: float = 0.0  # fixed seconds per model call, measured by a minimal call (0: not measured)
 
     def time_text(self) -> str:
-        """``x0.81 + 24.6 ms/call``: the roofline factor and the measured per-call cost."""
+        """``x<ratio> + <call_s> ms/call``: the roofline factor and the measured per-call cost."""
         return f"x{self.time:.2f}" + (f" + {self.call_s * 1e3:.1f} ms/call" if self.call_s else "")
 
 
