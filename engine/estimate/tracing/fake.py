@@ -73,8 +73,9 @@ class FakeConverter:
         hit = self._memo.get(t)
         if hit is not None:
             return hit
-        # Building twins must not be seen by the dispatch modes above (it is not program memory).
-        with _disable_current_modes():
+        # Building twins must not be seen by the dispatch modes above (it is not program memory),
+        # nor by torch-function modes (a dozen metadata calls per tensor would each enter them).
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
             fake = self.fake_mode.fake_tensor_converter.from_meta_and_device(
                 self.fake_mode, self._meta_twin(t), self.device)
             # A parameter's fake stays a plain fake tensor: wrapping it in ``nn.Parameter`` costs
