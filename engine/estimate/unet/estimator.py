@@ -92,7 +92,7 @@ class StageEstimator:
         self.fit_seconds: dict[str, float] = {}
         self._progress = progress or (lambda what: contextlib.nullcontext())
         self._laws: dict[str, tuple[MonomialLaws, dict]] = {}
-        self._modules: dict[tuple[str, str], tuple] = {}
+        self._modules: dict[str, tuple] = {}  # stage -> its meta modules, in the last dtype asked
         self._index: dict[str, dict[str, Any]] = {}
         self._inventory: dict | None = None
 
@@ -201,12 +201,36 @@ class StageEstimator:
 
     # -- fits and cache -----------------------------------------------------------------------
     def _stage_modules(self, stage: str, prec: Precision) -> tuple:
+        """The stage's modules on the meta device in ``prec``'s weight dtype, built once per
+        process: the weight count, the architecture hash and every fit of the stage share them
+        (a meta module changes dtype in milliseconds; building the UNet or a CLIP tower again
+        costs a fifth of a second or more)."""
         from .modules import build_stage_modules
 
-        if (stage, prec.weight) not in self._modules:
-            self._modules[(stage, prec.weight)] = build_stage_modules(self.spec, stage,
-                                                                      prec.weight_dtype)
-        return self._modules[(stage, prec.weight)]
+        mods = self._modules.get(stage)
+        if mods is None:
+            mods = self._modules[stage] = build_stage_modules(self.spec, stage, prec.weight_dtype)
+        dtype = prec.weight_dtype
+        if next(mods[0].parameters()).dtype != dtype:
+            for module in mods:
+                module.to(dtype)
+        return mods
+
+    def _components(self) -> dict:
+        """Every component by its public name, from the stage modules (which the fits reuse)
+        and a meta VAE: the same modules :func:`engine.models.lvdm.build_model` assembles."""
+        import torch
+
+        from ...models.autoencoder import AutoencoderKL
+
+        fp32 = precision_of("fp32")
+        (wrapper,) = self._stage_modules("denoise", fp32)
+        (text,) = self._stage_modules("text_encode", fp32)
+        image, resampler = self._stage_modules("image_encode", fp32)
+        with torch.device("meta"):
+            vae = AutoencoderKL(self.spec.vae)
+        return {"unet": wrapper.diffusion_model, "vae": vae, "text_encoder": text,
+                "image_encoder": image, "image_proj": resampler}
 
     def _stage_index(self, stage: str) -> dict[str, Any]:
         """The stage's architecture hash (and the image tower's input size), from the spec-keyed
@@ -320,11 +344,8 @@ class StageEstimator:
             fit = self.cache.get_fit(key)
             inventory = fit.sections.get("inventory") if fit is not None else None
             if inventory is None:
-                from ...models.lvdm import COMPONENTS, build_model
-
                 with self._progress("weights of every component on the meta device"):
-                    model = build_model(self.spec, device="meta")
-                    inventory = weight_inventory({n: model.component(n) for n in COMPONENTS})
+                    inventory = weight_inventory(self._components())
                 self.cache.put_fit(key, inventory=inventory)
             self._inventory = inventory
         return self._inventory
