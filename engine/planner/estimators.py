@@ -235,11 +235,12 @@ class Estimators:
         dtype = _dtype_name(precision)
         if not self.vae_fitted(precision):
             index = index_key(self.spec.vae, dtype, self.device_type)
-            with self._progress(f"VAE encode and decode laws ({dtype})"), self._cache.fitting(index):
-                # fitted meanwhile by another process (see :mod:`engine.planner.fit_ahead`)?
-                self._vae_memory[dtype] = VAEMemoryModel.from_index(index, cache=self._cache) or \
-                    VAEMemoryModel.for_vae(self._meta_vae(), device_type=self.device_type,
-                                           dtype=_torch_dtype(precision), cache=self._cache, index_key=index)
+            # each family under its own lock: a helper process may be fitting some of them
+            # (see :mod:`engine.planner.fit_ahead`)
+            with self._progress(f"VAE encode and decode laws ({dtype})"):
+                self._vae_memory[dtype] = VAEMemoryModel.for_vae(
+                    self._meta_vae(), device_type=self.device_type, dtype=_torch_dtype(precision),
+                    cache=self._cache, index_key=index)
         return self._vae_memory[dtype]
 
     @functools.lru_cache(maxsize=1)

@@ -43,7 +43,8 @@ __all__ = ["SCHEMA_VERSION", "CachedFit", "FitCache", "FitHeldElsewhere", "archi
 SCHEMA_VERSION = 3
 
 class FitHeldElsewhere(Exception):
-    """Another process is fitting this key (raised only after :func:`skip_held_fits`)."""
+    """Another process is fitting this key (raised instead of waiting: see
+    :meth:`FitCache.fitting`)."""
 
 
 _skip_held = False
@@ -216,13 +217,13 @@ class FitCache:
         _IN_MEMORY.setdefault(self.dir, {})[key] = json.loads(json.dumps(payload))
 
     @contextlib.contextmanager
-    def fitting(self, key: str) -> Iterator[None]:
+    def fitting(self, key: str, *, wait: bool = True) -> Iterator[None]:
         """Held while ``key`` is being fitted. Another process fitting the same key (the planner's
         helper, a second planner, a batch worker) waits here and then finds the entry, so no fit
-        is traced twice at once; after :func:`skip_held_fits` this process raises
-        :class:`FitHeldElsewhere` instead of waiting. A no-op where the directory cannot be
-        written or the platform has no ``fcntl`` file locks; the lock goes with the process,
-        however it ends.
+        is traced twice at once; with ``wait=False``, or after :func:`skip_held_fits`, this
+        process raises :class:`FitHeldElsewhere` instead of waiting. A no-op where the directory
+        cannot be written or the platform has no ``fcntl`` file locks; the lock goes with the
+        process, however it ends.
         """
         try:
             import fcntl
@@ -237,7 +238,7 @@ class FitCache:
             return
         with handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if _skip_held else 0))
+                fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if _skip_held or not wait else 0))
             except BlockingIOError:
                 raise FitHeldElsewhere(key) from None
             try:

@@ -64,11 +64,11 @@ import itertools
 import logging
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...plan.aemode import AEMode
-from ..laws.cache import FitCache
+from ..laws.cache import FitCache, FitHeldElsewhere
 from .laws import FamilyLaws
 from .shapes import DIRECTIONS, FAMILIES, CallPoint, classify_call, input_shape
 
@@ -195,9 +195,10 @@ class VAEMemoryModel:
         """Fit (or load from ``cache``) the model of ``vae`` for ``device_type`` and ``dtype``.
 
         A meta-device twin of ``vae`` in ``dtype`` is traced on fake tensors, so ``vae`` may be
-        real or on the meta device and is never run or modified. A cold fit traces 16 VAE
-        calls per direction in one session (~4 s for the full-size KL-f8 on two busy CPU
-        cores); a warm load reads six small JSON files (~15 ms).
+        real or on the meta device and is never run or modified. A cold fit traces 5-6 VAE
+        calls per (direction, family), one family at a time under its own cache lock, so
+        processes fitting the same VAE at once share the work (~3-4 s in all for the
+        full-size KL-f8 on one CPU core); a warm load reads six small JSON files (~15 ms).
 
         Args:
             vae: any module with ``encode`` and/or ``decode`` (ours or diffusers-style).
@@ -228,21 +229,18 @@ class VAEMemoryModel:
         extra = hash_extra(dtype, device_type)
         keys = {(d, fam): architecture_hash(vae, f"{d}/{fam}", extra=extra)
                 for d in directions for fam in FAMILIES}
-        laws, report = {}, {}
-        for key, digest in keys.items():
-            loaded = FamilyLaws.load(cache, digest) if cache is not None else None
-            if loaded is not None:
-                laws[key], meta = loaded
-                report["/".join(key)] = {"source": "cache", **meta}
-        missing = [key for key in keys if key not in laws]
         f, channels = downsample_factor(vae), vae_channels(vae)
-        if missing:
-            fitted = fit_families(meta_twin(vae, dtype), missing, device_type, dtype, channels, f)
-            for key, (fam_laws, meta) in fitted.items():
-                laws[key] = fam_laws
-                report["/".join(key)] = {"source": "fit", **meta}
-                if cache is not None:
-                    fam_laws.store(cache, keys[key], meta)
+        twin = functools.lru_cache(maxsize=1)(lambda: meta_twin(vae, dtype))
+
+        def fit(wanted):
+            return fit_families(twin(), wanted, device_type, dtype, channels, f)
+
+        if cache is None:
+            found = {key: (*fitted, "fit") for key, fitted in fit(list(keys)).items()}
+        else:
+            found = _load_or_fit_each(cache, keys, fit)
+        laws = {key: fam_laws for key, (fam_laws, _, _) in found.items()}
+        report = {"/".join(key): {"source": source, **meta} for key, (_, meta, source) in found.items()}
         weights = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
                       for t in itertools.chain(vae.parameters(), vae.buffers()))
         if index_key is not None and cache is not None:
@@ -385,6 +383,41 @@ class VAEMemoryModel:
             # a partial, so the tracer finds the twin and counts its weights from the start
             return trace_call(functools.partial(run, self._trace_twin, mode=mode), x,
                               device=self.device_type)
+
+
+def _load_or_fit_each(cache: FitCache, keys: Mapping[tuple[str, str], str], fit: Callable):
+    """Each (direction, family)'s laws from ``cache``, else fitted under that family's own lock;
+    returns ``{key: (laws, meta, "cache" | "fit")}``.
+
+    A family another process is fitting (the planner's helper, see
+    :mod:`engine.planner.fit_ahead`) is left for last and then waited for, so two processes
+    asking for one VAE at once split its six families instead of one waiting for all of them.
+    A process that must not wait (:func:`~engine.estimate.laws.cache.skip_held_fits`) gets
+    :class:`~engine.estimate.laws.cache.FitHeldElsewhere` from the second pass and moves on.
+    """
+    found: dict[tuple[str, str], tuple] = {}
+    deferred = []
+    for wait, todo in ((False, list(keys)), (True, deferred)):
+        for key in todo:
+            loaded = FamilyLaws.load(cache, keys[key])
+            if loaded is None:
+                try:
+                    with cache.fitting(keys[key], wait=wait):
+                        loaded = FamilyLaws.load(cache, keys[key])  # fitted meanwhile elsewhere?
+                        if loaded is None:
+                            logger.debug("VAE %s/%s: fitting", *key)
+                            fam_laws, meta = fit([key])[key]
+                            logger.debug("VAE %s/%s: fitted", *key)
+                            fam_laws.store(cache, keys[key], meta)
+                            found[key] = (fam_laws, meta, "fit")
+                            continue
+                except FitHeldElsewhere:
+                    if wait:
+                        raise
+                    deferred.append(key)
+                    continue
+            found[key] = (*loaded, "cache")
+    return {key: found[key] for key in keys}
 
 
 def _check_for_vae(vae: Any, device_type: str, dtype: Any) -> list[str]:
