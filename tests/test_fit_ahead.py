@@ -114,3 +114,50 @@ def test_a_held_fit_is_waited_for_and_then_read(tmp_path):
         found = cache.get_fit("k")
     child.join()
     assert found is not None and found.meta["by"] == "child"
+
+
+def _hold_family_then_store(root: str, digest: str, reference: str, seconds: float) -> None:
+    """Another process fitting one VAE family: holds its lock, then stores the reference laws."""
+    from engine.estimate.vae.laws import FamilyLaws
+
+    cache = FitCache(root)
+    with cache.fitting(digest):
+        time.sleep(seconds)
+        laws, meta = FamilyLaws.load(FitCache(reference), digest)
+        laws.store(cache, digest, meta)
+
+
+@needs_fork
+def test_a_vae_family_held_elsewhere_is_left_for_last_and_then_read(tmp_path, monkeypatch):
+    import torch
+
+    from engine.estimate.vae import VAEMemoryModel
+    from engine.estimate.vae import laws as vae_laws
+    from engine.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(load_spec("tiny").vae)
+    fit = {"device_type": "cuda", "dtype": torch.float16}
+    reference = VAEMemoryModel.for_vae(vae, cache=FitCache(tmp_path / "reference"), index_key="index", **fit)
+    digests = FitCache(tmp_path / "reference").get_fit("index").sections["vae_index"]["keys"]
+    held = next(iter(digests))  # the family this process would fit first
+    child = multiprocessing.get_context("fork").Process(target=_hold_family_then_store, args=(
+        str(tmp_path / "shared"), digests[held], str(tmp_path / "reference"), 1.5))
+    child.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "shared" / "fits" / f"{digests[held]}.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held_until = time.monotonic() + 1.4  # the child holds the lock until then at least
+    fitted, real_fit = [], vae_laws.fit_families
+
+    def recorded(twin, wanted, *args):
+        fitted.append(("/".join(wanted[0]), time.monotonic()))
+        return real_fit(twin, wanted, *args)
+    monkeypatch.setattr(vae_laws, "fit_families", recorded)
+    model = VAEMemoryModel.for_vae(vae, cache=FitCache(tmp_path / "shared"), **fit)
+    child.join()
+    assert [name for name, _ in fitted] == [name for name in digests if name != held]
+    assert fitted[0][1] < held_until  # the other families were fitted meanwhile, not after waiting
+    assert model.report[held]["source"] == "cache"  # waited for, then read: not traced twice
+    for mode in ("batched", "per-frame", "tile:32x32"):
+        assert model.predict("decode", 4, 64, 64, mode).as_dict() == reference.predict("decode", 4, 64, 64, mode).as_dict()

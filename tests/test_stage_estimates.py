@@ -70,6 +70,15 @@ def test_weight_bytes_512_are_two_bytes_per_parameter_in_fp16():
     assert component_weight_bytes(spec, "bf16") == fp16
 
 
+@pytest.mark.parametrize("name", ["tiny", "512"])
+def test_the_estimators_weight_count_equals_the_whole_containers(name, tmp_path):
+    # the estimator counts the stage modules its fits reuse, not a separately built container
+    spec = load_spec(name)
+    est = StageEstimator(spec, "cuda", cache=FitCache(tmp_path))
+    for precision in ("fp16", "fp32"):
+        assert est.component_weight_bytes(precision) == component_weight_bytes(spec, precision)
+
+
 def test_image_encoder_dead_text_parameters_are_counted_apart():
     from engine.models.clip import ImageEncoder
 
