@@ -39,17 +39,45 @@ def test_a_run_calibrates_the_next_plan_on_its_device(tiny_model, cpu):
     for s in first.stages:  # the ratio of this run, for every stage, beyond its calls' fixed cost
         c, rec = store.correction(s.name), measured[s.name]
         assert c.runs == 1 and c.call_s == (rec.call_s or 0.0)
-        assert c.time == pytest.approx(max(rec.time_s - s.calls * c.call_s, 0.05 * rec.time_s) / s.time_s)
+        fixed = s.calls * c.call_s if c.call_s else s.fixed_s  # the time model's own where unmeasured
+        assert c.time == pytest.approx(max(rec.time_s - fixed, 0.05 * rec.time_s) / (s.time_s - s.fixed_s))
         assert c.memory == 1.0  # the CPU measures no peak: memory untouched
     assert first.stage("denoise").calls == 2 * (1 if first.settings.cfg == "batched" else 2)  # 2 steps
     second = make_plan(spec, 64, 96, 4, cpu, steps=2, calibrate=True)
     bare = make_plan(spec, 64, 96, 4, cpu, steps=2, calibrate=False)
     for a, b in zip(second.stages, bare.stages):
         c = store.correction(a.name)
-        assert a.time_is == "calibrated" and a.time_s == pytest.approx(b.time_s * c.time + b.calls * c.call_s)
-        assert a.fixed_s == pytest.approx(b.calls * c.call_s) and a.peak_bytes == b.peak_bytes
+        fixed = b.calls * c.call_s if c.call_s else b.fixed_s
+        assert a.time_is == "calibrated" and a.time_s == pytest.approx((b.time_s - b.fixed_s) * c.time + fixed)
+        assert a.fixed_s == pytest.approx(fixed) and a.peak_bytes == b.peak_bytes
     assert any("corrected by 1 calibrating run(s)" in a for a in second.assumptions)
     assert Plan.from_json(second.to_json()) == second
+
+
+def test_a_measured_per_call_cost_replaces_the_time_models_own(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.plan.plan import StagePlan
+    from engine.planner.calibration import corrected
+
+    # a VAE time model measured by `engine probe --calibrate` puts part of each call down to its
+    # fixed cost; a device that runs the rest 1.5x slower and spends 3 ms a call is then predicted
+    # exactly at another size and call count after one run, that fixed part counted once
+    small = StagePlan("vae_encode", 1, 1, 0.010, calls=1, fixed_s=0.002)
+    large = StagePlan("vae_encode", 1, 1, 0.030, calls=2, fixed_s=0.004)
+
+    def truth(stage):
+        return 1.5 * (stage.time_s - stage.fixed_s) + stage.calls * 0.003
+    store = CalibrationStore(SimpleNamespace(kind="cpu", name="test"), "digest", root=tmp_path)
+    run = SimpleNamespace(name="vae_encode", time_s=truth(small), call_s=0.003, peak_bytes=None)
+    store.record(SimpleNamespace(stage=lambda name: small), [run])
+    assert corrected(large, store.correction("vae_encode")).time_s == pytest.approx(truth(large))
+    # a run that timed no minimal call keeps the time model's fixed part and scales the rest
+    store.reset()
+    store.record(SimpleNamespace(stage=lambda name: small), [SimpleNamespace(**{**vars(run), "call_s": None})])
+    again = corrected(large, store.correction("vae_encode"))
+    assert again.fixed_s == large.fixed_s
+    assert again.time_s == pytest.approx((truth(small) - small.fixed_s) / 0.008 * 0.026 + large.fixed_s)
 
 
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):

@@ -85,7 +85,9 @@ class StagePlan:
     note: str = ""
     calibration: float = 1.0  # measured/predicted time factor applied from earlier runs (1: none)
     calls: int = 1  # model calls the stage makes (UNet calls of the denoise, VAE calls of a chunked mode)
-    fixed_s: float = 0.0  # of time_s: the per-call fixed cost earlier runs measured, times calls
+    # of time_s: the calls' fixed cost (calls * per-call seconds): the time model's own (a measured
+    # VAE time model's per-call overhead; 0 for a roofline) until runs measured it on this device
+    fixed_s: float = 0.0
 
     @property
     def time_is(self) -> str:

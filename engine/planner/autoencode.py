@@ -95,6 +95,8 @@ class AEChoice:
         fits: ``peak_bytes <= budget_bytes``.
         forced: the mode was forced by the user, not chosen.
         calls: predicted number of VAE calls, when the time model reports it (else 0).
+        overhead_s: the part of ``time_s`` the time model puts down to its calls' fixed cost
+            (``calls * per_call_s``), when it reports it (else 0).
         flops: predicted FLOPs, when the memory model has a ``flops`` method (else 0).
         rejected: ``(mode string, reason)`` for every other candidate: over budget (predicted
             bytes vs budget) or slower (predicted seconds vs the choice).
@@ -117,6 +119,7 @@ class AEChoice:
     calls: int = 0
     flops: float = 0.0
     rejected: tuple[tuple[str, str], ...] = ()
+    overhead_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the mode as its string form)."""
@@ -181,11 +184,12 @@ def _evaluate(direction: str, frames: int, height: int, width: int, mode: AEMode
     mem = memory_model.predict(direction, frames, height, width, mode)
     allocator = int(getattr(mem, "allocator_bytes", 0) or 0)
     peak = int(resident_bytes) + int(mem.allocated_bytes) + allocator
-    calls = 0
+    calls, overhead = 0, 0.0
     breakdown = getattr(time_model, "breakdown", None)
-    if callable(breakdown):  # AETimeModel: one call gives both the time and the call count
+    if callable(breakdown):  # AETimeModel: one call gives the time, the call count and their fixed cost
         parts = breakdown(direction, frames, height, width, mode)
         seconds, calls = float(parts["total"]), int(parts.get("calls", 0))
+        overhead = float(parts.get("overhead", 0.0))
     else:
         seconds = float(time_model.predict(direction, frames, height, width, mode))
     flops_of = getattr(memory_model, "flops", None)
@@ -193,7 +197,7 @@ def _evaluate(direction: str, frames: int, height: int, width: int, mode: AEMode
     return AEChoice(direction, mode, frames, height, width, peak, int(mem.allocated_bytes),
                     allocator, int(getattr(mem, "activation_bytes", 0) or 0), seconds,
                     int(budget_bytes), int(resident_bytes), peak <= budget_bytes, forced, calls,
-                    flops)
+                    flops, overhead_s=overhead)
 
 
 def _preference(choice: AEChoice) -> tuple[int, float]:

@@ -81,16 +81,17 @@ class CalibrationStore:
         """Fold one run's measured stages into the store (``records``: the run's StageRecords)."""
         for rec in records:
             predicted = plan.stage(rec.name)
-            if predicted.time_s <= 0 or rec.time_s <= 0:
+            base = _uncorrected(predicted)
+            if base["time_s"] <= 0 or rec.time_s <= 0:
                 continue
             old = self.stages.get(rec.name, Correction())
             weight = 1.0 if old.runs == 0 else _SMOOTHING
-            base = _uncorrected(predicted)
             # a run whose minimal call went unmeasured keeps what earlier runs measured
             measured_call = getattr(rec, "call_s", None)
             call_s = old.call_s if not measured_call else _blend_linear(old.call_s, measured_call, weight)
-            # what the run spent beyond its calls' fixed cost is the part the roofline predicts
-            scaled = max(rec.time_s - predicted.calls * call_s, _MIN_SCALED * rec.time_s)
+            # what the run spent beyond its calls' fixed cost is the part the time model scales
+            fixed = predicted.calls * call_s if call_s else predicted.fixed_s
+            scaled = max(rec.time_s - fixed, _MIN_SCALED * rec.time_s)
             time_ratio = scaled / base["time_s"]
             memory_ratio = (rec.peak_bytes / base["allocated_bytes"]
                             if rec.peak_bytes and base["allocated_bytes"] else old.memory)
@@ -126,22 +127,24 @@ def _blend_linear(old: float, new: float, weight: float) -> float:
 
 
 def _uncorrected(stage) -> dict:
-    """The prediction before calibration (a plan keeps the factor and the added bytes)."""
+    """The prediction before calibration, its calls' fixed cost left out (a plan keeps the
+    factor, the fixed part and the added bytes)."""
     return {"time_s": (stage.time_s - stage.fixed_s) / stage.calibration,
             "allocated_bytes": stage.allocated_bytes - stage.terms.get("calibration", 0)}
 
 
 def corrected(stage, correction: Correction | None):
-    """``stage`` (a StagePlan) with ``correction`` applied: the roofline time scaled and the
-    measured fixed cost of its calls added; memory only raised."""
+    """``stage`` (a StagePlan) with ``correction`` applied: the time beyond its calls' fixed cost
+    scaled, and the fixed cost the runs measured put in place of the time model's own (kept
+    where none was measured); memory only raised."""
     from dataclasses import replace
 
     if correction is None:
         return stage
     extra = max(0, int(stage.allocated_bytes * (correction.memory - 1.0)))
     terms = {**stage.terms, "calibration": extra} if extra else stage.terms
-    fixed = stage.calls * correction.call_s
-    return replace(stage, time_s=stage.time_s * correction.time + fixed, calibration=correction.time,
+    fixed = stage.calls * correction.call_s if correction.call_s else stage.fixed_s
+    return replace(stage, time_s=(stage.time_s - stage.fixed_s) * correction.time + fixed, calibration=correction.time,
                    fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
                    peak_bytes=stage.peak_bytes + extra, terms=terms)
 

@@ -41,6 +41,7 @@ class StageWork:
     allocator_bytes: int = 0
     mode: object = None
     time_s: float | None = None
+    overhead_s: float = 0.0  # of ``time_s``: its calls' fixed cost, as the time model has it
 
 
 def _dtype_name(precision: str) -> str:
@@ -314,7 +315,8 @@ class Estimators:
         except InfeasibleBudget as exc:  # report the least-memory mode; the caller rejects the plan
             choice = force_mode(direction, frames, height, width, exc.mode, **args)
         act = choice.allocated_bytes - vae_weights  # input + activations + workspace
-        work = StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s)
+        work = StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s,
+                         choice.overhead_s)
         self._ae_choices[asked] = work
         return work
 

@@ -260,7 +260,8 @@ def _infeasible(rejected, budget, reserve, device, name) -> DoesNotFit:
 
 
 def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident: int):
-    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes, time) of a stage."""
+    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes, time, the
+    time's per-call fixed part) of a stage; the last two are None and 0 where the roofline times it."""
     calls, batch = _unet_calls(s, w)
     if name in ("vae_encode", "vae_decode"):
         direction = "encode" if name == "vae_encode" else "decode"
@@ -268,10 +269,11 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
         forced = s.ae_encode if direction == "encode" else s.ae_decode
         ch = est.autoencode(direction, frames, w.height, w.width, s.precision.value, forced=forced,
                             budget_bytes=budget_left, resident_bytes=resident)
-        return ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s
+        return (ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s,
+                ch.overhead_s)
     e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
                   attention=s.attention, cfg_batch=batch, guidance=w.guidance)
-    return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None
+    return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None, 0.0
 
 
 def _lead_fits(est, s: Settings, w: Workload, lead) -> None:
@@ -312,7 +314,7 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         resident = weights_on + carried + cache
         cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
         left = budget - terms.cuda_context_bytes - cached_free
-        act, flops, moved, mode, alloc_extra, ae_time = _stage_work(name, s, w, est, left, resident)
+        act, flops, moved, mode, alloc_extra, ae_time, overhead = _stage_work(name, s, w, est, left, resident)
         allocated = resident + act
         reserved = reserved_after(allocated + alloc_extra, prev_reserved, prev_live, s.empty_cache)
         peak = terms.cuda_context_bytes + reserved
@@ -328,7 +330,8 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         stage = corrected(StagePlan(name, peak, allocated, t, {
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
             "carried": carried, "activations": act, "cached_blocks": reserved - allocated - alloc_extra,
-            "allocator": alloc_extra}, note, calls=_model_calls(name, n, mode, s, w, est.spec.vae.downsample_factor)),
+            "allocator": alloc_extra}, note, calls=_model_calls(name, n, mode, s, w, est.spec.vae.downsample_factor),
+            fixed_s=overhead),
             store.correction(name) if store else None)
         stages.append(stage)
         if reason is None and stage.peak_bytes > budget:
