@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ CASES = (("tiny", 128, 128, 16, 10), ("256", 256, 256, 4, 2))
 
 def run_case(config, h, w, frames, steps, device) -> dict:
     spec = load_spec(config)
-    plan = make_plan(spec, h, w, frames, device, steps=steps)
+    plan = make_plan(spec, h, w, frames, device, steps=steps, calibrate=False)
     model = load_model(config, None, seed=0)
     opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake", height=h, width=w,
                            frames=frames, steps=steps)
@@ -45,6 +47,10 @@ def run_case(config, h, w, frames, steps, device) -> dict:
 
 def main() -> None:
     torch.manual_seed(0)
+    # private caches: the probe measures this machine now (a rate cached while other work ran
+    # would scale every prediction), and no correction an earlier run stored applies
+    os.environ["ENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="engine-fits-")
+    os.environ["ENGINE_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="engine-calibration-")
     device = probe_device()
     cases = [run_case(*c, device) for c in CASES]
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
