@@ -9,8 +9,11 @@ corrected upwards (a plan that under-predicted once keeps the margin). Torch-fre
 Time has two parts that scale differently: a fixed cost per model call (dispatch, kernel launches,
 Python: the same at any size) and the work the roofline predicts. One run at one size cannot tell
 them apart, so the run also times one minimal call of the stage's model (``StageRecord.call_s``);
-the correction is then ``time = ratio * roofline + calls * call_s``, with ``ratio`` from what the
-run measured beyond its calls' fixed cost, and it carries over to other sizes and call counts.
+the correction is then ``time = ratio * (model - model_fixed) + calls * call_s``, with ``ratio``
+from what the run measured beyond its calls' fixed cost, and it carries over to other sizes and
+call counts. ``model_fixed`` (``StagePlan.fixed_s`` before calibration) is the per-call part the
+time model itself predicts (a measured VAE time model has one, a roofline none): the measured
+``call_s`` takes its place, so the fixed cost is counted once.
 
 ``engine probe`` shows the corrections; ``engine probe --reset-calibration`` drops them.
 """
@@ -144,8 +147,8 @@ def corrected(stage, correction: Correction | None):
     extra = max(0, int(stage.allocated_bytes * (correction.memory - 1.0)))
     terms = {**stage.terms, "calibration": extra} if extra else stage.terms
     fixed = stage.calls * correction.call_s if correction.call_s else stage.fixed_s
-    return replace(stage, time_s=(stage.time_s - stage.fixed_s) * correction.time + fixed, calibration=correction.time,
-                   fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
+    return replace(stage, time_s=(stage.time_s - stage.fixed_s) * correction.time + fixed,
+                   calibration=correction.time, fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
                    peak_bytes=stage.peak_bytes + extra, terms=terms)
 
 

@@ -266,7 +266,7 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
     if name in ("vae_encode", "vae_decode"):
         direction = "encode" if name == "vae_encode" else "decode"
         frames = w.encoded_frames(s) if direction == "encode" else w.frames
-        forced = s.ae_encode if direction == "encode" else s.ae_decode
+        forced = getattr(s, stage_of(name).ae_setting)
         ch = est.autoencode(direction, frames, w.height, w.width, s.precision.value, forced=forced,
                             budget_bytes=budget_left, resident_bytes=resident)
         return (ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s,

@@ -395,29 +395,29 @@ def _load_or_fit_each(cache: FitCache, keys: Mapping[tuple[str, str], str], fit:
     A process that must not wait (:func:`~engine.estimate.laws.cache.skip_held_fits`) gets
     :class:`~engine.estimate.laws.cache.FitHeldElsewhere` from the second pass and moves on.
     """
-    found: dict[tuple[str, str], tuple] = {}
-    deferred = []
-    for wait, todo in ((False, list(keys)), (True, deferred)):
-        for key in todo:
-            loaded = FamilyLaws.load(cache, keys[key])
-            if loaded is None:
-                try:
-                    with cache.fitting(keys[key], wait=wait):
-                        loaded = FamilyLaws.load(cache, keys[key])  # fitted meanwhile elsewhere?
-                        if loaded is None:
-                            logger.debug("VAE %s/%s: fitting", *key)
-                            fam_laws, meta = fit([key])[key]
-                            logger.debug("VAE %s/%s: fitted", *key)
-                            fam_laws.store(cache, keys[key], meta)
-                            found[key] = (fam_laws, meta, "fit")
-                            continue
-                except FitHeldElsewhere:
-                    if wait:
-                        raise
-                    deferred.append(key)
-                    continue
-            found[key] = (*loaded, "cache")
+    found, held = {}, []
+    for key in keys:
+        try:
+            found[key] = _load_or_fit(cache, keys[key], key, fit, wait=False)
+        except FitHeldElsewhere:
+            held.append(key)
+    for key in held:  # wait for the other process, then read what it stored
+        found[key] = _load_or_fit(cache, keys[key], key, fit, wait=True)
     return {key: found[key] for key in keys}
+
+
+def _load_or_fit(cache: FitCache, digest: str, key: tuple[str, str], fit: Callable, *, wait: bool):
+    """One family's ``(laws, meta, source)``: from the cache, else fitted and stored under its lock."""
+    loaded = FamilyLaws.load(cache, digest)
+    if loaded is None:
+        with cache.fitting(digest, wait=wait):
+            loaded = FamilyLaws.load(cache, digest)  # fitted meanwhile by another process?
+            if loaded is None:
+                logger.debug("VAE %s/%s: fitting", *key)
+                fam_laws, meta = fit([key])[key]
+                fam_laws.store(cache, digest, meta)
+                return fam_laws, meta, "fit"
+    return (*loaded, "cache")
 
 
 def _check_for_vae(vae: Any, device_type: str, dtype: Any) -> list[str]:
