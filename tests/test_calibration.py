@@ -54,6 +54,32 @@ def test_a_run_calibrates_the_next_plan_on_its_device(tiny_model, cpu):
     assert Plan.from_json(second.to_json()) == second
 
 
+@pytest.mark.parametrize("force", ["cfg=batched,ae_decode=chunk:2", "cfg=sequential,ae_decode=per-frame"])
+def test_the_minimal_calls_are_the_runs_calls_at_the_smallest_size(tiny_model, cpu, force):
+    """The fixed cost is timed on the calls the run made (its CFG batch, its frames per VAE call),
+    shrunk to the smallest latent: a batch-1, one-frame call under-counts a batched step's."""
+    plan = make_plan(load_spec("tiny"), 64, 64, 4, cpu, steps=1, force=force)
+    side = 2 ** (len(tiny_model.spec.unet.channel_mult) - 1)
+    seen = {"unet": [], "decoder": []}
+    hooks = [part.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(tuple(args[0].shape)))
+             for key, part in (("unet", tiny_model.model.diffusion_model),
+                               ("decoder", tiny_model.first_stage_model.decoder))]
+    try:
+        result = generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)), plan, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unet_batch, decode_frames = (2, 2) if force.startswith("cfg=batched") else (1, 1)
+    run_unet = [s for s in seen["unet"] if s[-1] != side]
+    assert run_unet and {s[0] for s in run_unet} == {unet_batch}  # what the run itself called
+    minimal = [s for s in seen["unet"] if s[-1] == side]
+    # a warm-up and five timed steps, each the run's calls per step, at the run's batch
+    assert len(minimal) == 6 * (2 // unet_batch) and {s[0] for s in minimal} == {unet_batch}
+    assert {s[0] for s in seen["decoder"] if s[-1] == side} == {decode_frames}
+    assert {s[0] for s in seen["decoder"] if s[-1] != side} == {decode_frames}
+    assert next(r for r in result.stages if r.name == "denoise").call_s > 0
+
+
 def test_a_measured_per_call_cost_replaces_the_time_models_own(tmp_path):
     from types import SimpleNamespace
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..plan.settings import CFGMode
+from ..sampling.guidance import CFGDenoiser
+
 MODES = ("i2v", "interp", "loop")
 
 
@@ -33,6 +36,14 @@ def concat_latents(z_first: torch.Tensor, z_last: torch.Tensor | None, frames: i
     out[:, :, 0] = z_first
     out[:, :, -1] = z_last
     return out
+
+
+def guided(network, conds, opts, settings) -> CFGDenoiser:
+    """The run's guidance wrapper over ``network``: ``conds`` as ``(cond, uncond, uncond_image)``,
+    the options' guidance scales and the settings' CFG batching."""
+    cond, uncond, uncond_image = conds
+    return CFGDenoiser(network, cond, uncond, opts.cfg, guidance_rescale=opts.guidance_rescale,
+                       uncond_image=uncond_image, cfg_img=opts.cfg_img, batched=settings.cfg is CFGMode.BATCHED)
 
 
 def unet_call(model):

@@ -15,16 +15,16 @@ import torch
 from ..device.spec import parse_size
 from ..errors import InvalidArgument
 from ..plan.plan import Plan, Workload
-from ..plan.settings import CFGMode, Settings
+from ..plan.settings import Settings
 from ..planner.calibration import CalibrationStore
 from ..planner.replan import stage_predictor
 from ..runtime.budget import MemoryBudget
 from ..runtime.executor import StageRecord, attached
 from ..runtime.recovery import Adjustment, OutOfMemory
 from ..sampling.ddim import sample_ddim
-from ..sampling.guidance import CFGDenoiser
 from ..sampling.schedule import ddim_timesteps
-from .conditioning import (assemble_conditions, concat_latents, image_conditions, text_conditions,
+from .calibration_calls import time_minimal_calls
+from .conditioning import (assemble_conditions, concat_latents, guided, image_conditions, text_conditions,
                            unet_call)
 from .image_io import prepare_image
 from .latents import decode_remaining, encode_remaining, flat_latents, training_alphas_cumprod
@@ -245,30 +245,17 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     flat, done = flat_latents(model, latents), []
     video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run, done))
     if calibrating:
-        _time_minimal_calls(model, run, conds[0], saved.x, flat, images[0])
+        time_minimal_calls(model, run, opts, conds, saved.x,
+                           torch.cat(_frames_to_encode(images, opts, run.settings), dim=0), flat)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()
 
 
-def _time_minimal_calls(model, run, cond: dict, x: torch.Tensor, flat: torch.Tensor, image: torch.Tensor) -> None:
-    """One call of the UNet and of the VAE each way at their smallest input: the fixed cost per
-    call that calibration separates from the part that grows with size (engine.planner.calibration)."""
-    side = 2 ** (len(model.spec.unet.channel_mult) - 1)  # the smallest latent the UNet halves down
-    pixels = side * model.spec.vae.downsample_factor
-    small = {**cond, "c_concat": cond["c_concat"][..., :side, :side]}
-    t = torch.full((x.shape[0],), 1, device=x.device, dtype=torch.long)
-    network, vae = unet_call(model), model.first_stage_model
-    run.time_minimal_call("denoise", lambda: network(x[..., :side, :side], t, small))
-    run.time_minimal_call("vae_encode", lambda: vae.encode(image[:1, :, :pixels, :pixels]))
-    run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:1, :, :side, :side]))
-
-
 def _denoiser_attempt(model, opts, run, conds, saved: _Progress, generator, progress: bool, counts: dict):
     """A resumable DDIM run: each attempt starts after the last finished step, with its latents and
     random state, and the current settings' CFG batching."""
-    spec, (cond, uncond, uncond_image) = model.spec, conds
-    network = unet_call(model)
+    spec, network = model.spec, unet_call(model)
 
     def counted(x, t, c):
         counts["unet_calls"] += 1
@@ -284,9 +271,7 @@ def _denoiser_attempt(model, opts, run, conds, saved: _Progress, generator, prog
     def attempt():
         generator.set_state(saved.rng)
         run.budget.at("denoise", saved.done)
-        denoiser = CFGDenoiser(counted, cond, uncond, opts.cfg, guidance_rescale=opts.guidance_rescale,
-                               uncond_image=uncond_image, cfg_img=opts.cfg_img,
-                               batched=run.settings.cfg is CFGMode.BATCHED)
+        denoiser = guided(counted, conds, opts, run.settings)
         return sample_ddim(denoiser, saved.x, ddim_timesteps(opts.steps, spec.timesteps, opts.timestep_spacing),
                            callback=finished, disable=not progress, alphas_cumprod=training_alphas_cumprod(spec),
                            parameterization=spec.parameterization, eta=opts.eta,

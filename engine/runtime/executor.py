@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -157,31 +158,33 @@ class Run:
             stack.enter_context(precision_context(self.settings.precision, self.device))
             yield
 
-    def time_minimal_call(self, name: str, call) -> None:
-        """Time ``call`` (one call of stage ``name``'s model at its smallest input: what every call
-        costs whatever its size) and keep it in the stage's record as ``call_s``, for calibration.
+    def time_minimal_call(self, name: str, call, calls: int = 1) -> None:
+        """Time ``call`` (``calls`` calls of stage ``name``'s model as the run makes them, at their
+        smallest input: what every call costs whatever its size) and keep the cost of one in the
+        stage's record as ``call_s``, for calibration.
 
-        Best of five after a warm-up (a new shape's one-off costs: oneDNN primitives, cuDNN
-        autotuning): the fixed cost is multiplied by every call of the next plans, so its noise
-        must be small. Outside the stage's time; a failure only leaves ``call_s`` unmeasured.
+        The median of five after a warm-up (a new shape's one-off costs: oneDNN primitives, cuDNN
+        autotuning): the stage's own time is a sum over its calls, disturbances included, so the
+        fixed cost it is compared with is a typical call, not the luckiest one. Outside the
+        stage's time; a failure only leaves ``call_s`` unmeasured.
         """
         cuda = self.device.type == "cuda"
         self.budget.at("calibration")  # outside every stage: no fault or measurement of theirs
         try:
             with self._placed(name), torch.no_grad():
                 call()
-                best = float("inf")
+                times = []
                 for _ in range(_MINIMAL_CALL_REPEATS):
                     start = time.perf_counter()
                     call()
                     if cuda:
                         torch.cuda.synchronize(self.device)
-                    best = min(best, time.perf_counter() - start)
+                    times.append(time.perf_counter() - start)
         except torch.OutOfMemoryError:
             log.info("no room for the minimal %s call; its fixed cost stays unmeasured", name)
             return
         i = max(i for i, r in enumerate(self.records) if r.name == name)
-        self.records[i] = replace(self.records[i], call_s=best)
+        self.records[i] = replace(self.records[i], call_s=statistics.median(times) / calls)
 
     def _resident(self) -> tuple[str, ...]:
         if self.offload is None:
