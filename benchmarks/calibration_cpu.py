@@ -4,9 +4,11 @@ time for a run at another size to what it measures? Target: within 25 %.
 Tiny config, random weights, this machine's probed CPU, a private fit cache. Each of 9 trials makes
 one calibrating run at 64x64x8 into a fresh calibration store and then a run at 96x128x8; prints,
 per stage, the uncalibrated prediction, each trial's calibrated prediction, measurement and error,
-and the median error against the target. Twice: with online calibration alone, and after
-``engine probe --calibrate tiny`` has measured the VAE's time model (the documented first step on
-a new machine). Writes ``benchmarks/results/calibration_cpu.json``.
+and the median error against the target. Three times: with online calibration alone; with two
+calibrating runs, at 64x64x8 and 128x128x8, the check's size between them (what a store that keeps
+its ratios per size learns from a second size); and after ``engine probe --calibrate tiny`` has
+measured the VAE's time model (the documented first step on a new machine), one calibrating run.
+Writes ``benchmarks/results/calibration_cpu.json``.
 
     python benchmarks/calibration_cpu.py
 """
@@ -24,18 +26,20 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATE_AT, CHECK_AT, FRAMES, STEPS = (64, 64), (96, 128), 8, 6
+SECOND_SIZE = (128, 128)  # the two-size variant's second calibrating run
 TARGET = 0.25
 TRIALS = 9  # this shared 2-core VM's speed drifts by a fifth or more between runs: the median of 9
 
 
-def trial(spec, cpu, model, opts) -> list[dict]:
-    """One calibrating run at CALIBRATE_AT into a fresh store, then a run at CHECK_AT: per stage,
-    the uncalibrated, calibrated and measured seconds."""
+def trial(spec, cpu, model, opts, sizes=(CALIBRATE_AT,)) -> list[dict]:
+    """Calibrating runs at ``sizes`` into a fresh store, then a run at CHECK_AT: per stage, the
+    uncalibrated, calibrated and measured seconds."""
     from engine.pipeline.generate import generate
     from engine.planner.search import make_plan
 
     os.environ["ENGINE_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="engine-calibration-")
-    generate(model, opts, make_plan(spec, *CALIBRATE_AT, FRAMES, cpu, steps=STEPS), progress=False)
+    for size in sizes:
+        generate(model, opts, make_plan(spec, *size, FRAMES, cpu, steps=STEPS), progress=False)
     bare = make_plan(spec, *CHECK_AT, FRAMES, cpu, steps=STEPS, calibrate=False)
     plan = make_plan(spec, *CHECK_AT, FRAMES, cpu, steps=STEPS)
     result = generate(model, opts, plan, progress=False)
@@ -59,12 +63,16 @@ def main() -> None:
     os.environ["ENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="engine-fits-")
     spec, cpu, model = load_spec("tiny"), probe_cpu(), load_model("tiny", None, seed=0)
     opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake")
-    for size in (CALIBRATE_AT, CHECK_AT):  # warm-up: one-off first-call costs at both shapes
+    for size in (CALIBRATE_AT, CHECK_AT, SECOND_SIZE):  # warm-up: one-off first-call costs at both shapes
         generate(model, opts, make_plan(spec, *size, FRAMES, cpu, steps=STEPS, calibrate=False), progress=False)
     variants = {"online": [trial(spec, cpu, model, opts) for _ in range(TRIALS)]}
     # the documented first step on a new machine: `engine probe --calibrate tiny` times the VAE
     print("online calibration alone:")
     rows = {"online": report(variants["online"])}
+    variants["two_sizes"] = [trial(spec, cpu, model, opts, (CALIBRATE_AT, SECOND_SIZE)) for _ in range(TRIALS)]
+    print(f"online calibration, two calibrating runs ({CALIBRATE_AT[0]}x{CALIBRATE_AT[1]} and "
+          f"{SECOND_SIZE[0]}x{SECOND_SIZE[1]}):")
+    rows["two_sizes"] = report(variants["two_sizes"])
     from engine.commands.probe import calibrate_vae
     from engine.planner import estimators
 
@@ -77,7 +85,8 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__},
            "calibrated_at": f"{CALIBRATE_AT[0]}x{CALIBRATE_AT[1]}x{FRAMES}",
-           "checked_at": f"{CHECK_AT[0]}x{CHECK_AT[1]}x{FRAMES}", "steps": STEPS, "target": TARGET,
+           "checked_at": f"{CHECK_AT[0]}x{CHECK_AT[1]}x{FRAMES}",
+           "second_size": f"{SECOND_SIZE[0]}x{SECOND_SIZE[1]}x{FRAMES}", "steps": STEPS, "target": TARGET,
            "trials": TRIALS, "variants": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "calibration_cpu.json").write_text(json.dumps(out, indent=1))

@@ -106,6 +106,38 @@ def test_a_measured_per_call_cost_replaces_the_time_models_own(tmp_path):
     assert again.time_s == pytest.approx((truth(small) - small.fixed_s) / 0.008 * 0.026 + large.fixed_s)
 
 
+def test_ratios_are_kept_per_size_and_interpolated_between_them(tmp_path):
+    """A device that runs small calls 3x slower than its time model and large ones 1.5x: after
+    one run at each size a plan between them interpolates, one beyond them takes the nearest
+    size's ratio, and another run at a measured size refines that size alone."""
+    from types import SimpleNamespace
+
+    from engine.plan.plan import StagePlan
+    from engine.planner.calibration import corrected
+
+    def stage(per_call_s, calls=4):
+        return StagePlan("denoise", 1, 1, per_call_s * calls, calls=calls)
+
+    def run(plan_stage, ratio):
+        return SimpleNamespace(name="denoise", time_s=plan_stage.time_s * ratio, call_s=None, peak_bytes=None)
+
+    store = CalibrationStore(SimpleNamespace(kind="cpu", name="test"), "digest", root=tmp_path)
+    small, large = stage(0.01), stage(0.04, calls=2)
+    for plan_stage, ratio in ((small, 3.0), (large, 1.5)):
+        store.record(SimpleNamespace(stage=lambda name, s=plan_stage: s), [run(plan_stage, ratio)])
+    c = CalibrationStore(SimpleNamespace(kind="cpu", name="test"), "digest", root=tmp_path).correction("denoise")
+    assert c.runs == 2 and len(c.points) == 2  # read back from the file
+    assert corrected(stage(0.01, calls=9), c).time_s == pytest.approx(0.09 * 3.0)  # the small size's
+    assert corrected(stage(0.02), c).time_s == pytest.approx(0.08 * 3.0 ** 0.5 * 1.5 ** 0.5)  # halfway (log)
+    assert corrected(stage(0.005), c).calibration == pytest.approx(3.0)  # below: the nearest size's
+    assert corrected(stage(0.16), c).calibration == pytest.approx(1.5)  # above: the nearest size's
+    assert c.time_text() == "x1.50-3.00"
+    store.record(SimpleNamespace(stage=lambda name: small), [run(small, 2.0)])  # the small size again
+    c = store.correction("denoise")
+    assert len(c.points) == 2 and c.time_at(0.01) == pytest.approx((3.0 * 2.0) ** 0.5)
+    assert c.time_at(0.04) == pytest.approx(1.5)
+
+
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):
     from dataclasses import replace
 

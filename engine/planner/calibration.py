@@ -15,6 +15,13 @@ call counts. ``model_fixed`` (``StagePlan.fixed_s`` before calibration) is the p
 time model itself predicts (a measured VAE time model has one, a roofline none): the measured
 ``call_s`` takes its place, so the fixed cost is counted once.
 
+How much slower than its time model a device runs a call depends on the call's size (larger calls
+fill the cores or the GPU better; on the CPU, activations past the caches or the allocator's
+mmap threshold cost more), so the ratio is kept per size: per measured work of one call (the
+time model's seconds per call before correction), up to ``_MAX_POINTS`` sizes. A plan takes the
+ratio of the nearest measured size beyond the measured range and interpolates between sizes
+(log-log); runs at the same size (within ``_SAME_SIZE``) refine that size's ratio.
+
 ``engine probe`` shows the corrections; ``engine probe --reset-calibration`` drops them.
 """
 from __future__ import annotations
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _SMOOTHING = 0.5  # weight of the newest run in the running (geometric) mean of ratios
 _MIN_SCALED = 0.05  # a stage is never all fixed cost: noise in the minimal call cannot zero its ratio
+_MAX_POINTS = 8  # sizes whose ratio a stage keeps (the oldest is dropped)
+_SAME_SIZE = 0.1  # calls whose predicted work differs by less than this are the same size
 
 
 def calibration_dir() -> Path:
@@ -53,14 +62,45 @@ def device_key(device) -> str:
 class Correction:
     """Measured / predicted ratios of one stage, and how many runs they come from."""
 
-    time: float = 1.0
+    time: float = 1.0  # the running mean over every run (what a store without ``points`` has)
     memory: float = 1.0
     runs: int = 0
     call_s: float = 0.0  # fixed seconds per model call, measured by a minimal call (0: not measured)
+    # (predicted seconds of one call's work, time ratio measured at that size), newest last
+    points: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self):  # read back from JSON as lists
+        object.__setattr__(self, "points", tuple(tuple(p) for p in self.points))
+
+    def time_at(self, work_s: float) -> float:
+        """The time ratio for calls of ``work_s`` predicted seconds each: the measured size's,
+        interpolated (log-log) between measured sizes, the nearest one's beyond them."""
+        if not self.points or work_s <= 0:
+            return self.time
+        ordered = sorted(self.points)
+        if work_s <= ordered[0][0]:
+            return ordered[0][1]
+        for (x0, r0), (x1, r1) in zip(ordered, ordered[1:]):
+            if work_s <= x1:
+                f = math.log(work_s / x0) / math.log(x1 / x0)
+                return math.exp((1 - f) * math.log(r0) + f * math.log(r1))
+        return ordered[-1][1]
+
+    def with_point(self, work_s: float, ratio: float, weight: float) -> tuple[tuple[float, float], ...]:
+        """``points`` with a run at ``work_s`` folded in: a size measured before is refined by the
+        running mean (the newest weighted ``weight``), a new size added."""
+        points = [p for p in self.points if abs(p[0] / work_s - 1) > _SAME_SIZE]
+        same = [p for p in self.points if abs(p[0] / work_s - 1) <= _SAME_SIZE]
+        if same:
+            ratio = _blend(same[-1][1], ratio, weight)
+        return tuple(points[-(_MAX_POINTS - 1):] + [(work_s, ratio)])
 
     def time_text(self) -> str:
-        """``x<ratio> + <call_s> ms/call``: the roofline factor and the measured per-call cost."""
-        return f"x{self.time:.2f}" + (f" + {self.call_s * 1e3:.1f} ms/call" if self.call_s else "")
+        """``x<ratio> + <call_s> ms/call``: the roofline factor (its range over the measured sizes)
+        and the measured per-call cost."""
+        ratios = [r for _, r in self.points] or [self.time]
+        factor = f"x{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if max(ratios) > min(ratios) * 1.005 else "")
+        return factor + (f" + {self.call_s * 1e3:.1f} ms/call" if self.call_s else "")
 
 
 class CalibrationStore:
@@ -98,8 +138,10 @@ class CalibrationStore:
             time_ratio = scaled / base["time_s"]
             memory_ratio = (rec.peak_bytes / base["allocated_bytes"]
                             if rec.peak_bytes and base["allocated_bytes"] else old.memory)
+            points = old.with_point(base["time_s"] / max(1, predicted.calls), time_ratio, _SMOOTHING)
             self.stages[rec.name] = Correction(_blend(old.time, time_ratio, weight),
-                                               _blend(old.memory, memory_ratio, weight), old.runs + 1, call_s)
+                                               _blend(old.memory, memory_ratio, weight), old.runs + 1, call_s,
+                                               points)
         self._write()
 
     def _write(self) -> None:
@@ -147,8 +189,10 @@ def corrected(stage, correction: Correction | None):
     extra = max(0, int(stage.allocated_bytes * (correction.memory - 1.0)))
     terms = {**stage.terms, "calibration": extra} if extra else stage.terms
     fixed = stage.calls * correction.call_s if correction.call_s else stage.fixed_s
-    return replace(stage, time_s=(stage.time_s - stage.fixed_s) * correction.time + fixed,
-                   calibration=correction.time, fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
+    work = stage.time_s - stage.fixed_s
+    ratio = correction.time_at(work / max(1, stage.calls))
+    return replace(stage, time_s=work * ratio + fixed,
+                   calibration=ratio, fixed_s=fixed, allocated_bytes=stage.allocated_bytes + extra,
                    peak_bytes=stage.peak_bytes + extra, terms=terms)
 
 
