@@ -63,7 +63,7 @@ def main() -> None:
     os.environ["ENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="engine-fits-")
     spec, cpu, model = load_spec("tiny"), probe_cpu(), load_model("tiny", None, seed=0)
     opts = GenerateOptions(image=str(EXAMPLE_IMAGE), prompt="a lake")
-    for size in (CALIBRATE_AT, CHECK_AT, SECOND_SIZE):  # warm-up: one-off first-call costs at both shapes
+    for size in (CALIBRATE_AT, CHECK_AT, SECOND_SIZE):  # warm-up: one-off first-call costs at each shape
         generate(model, opts, make_plan(spec, *size, FRAMES, cpu, steps=STEPS, calibrate=False), progress=False)
     variants = {"online": [trial(spec, cpu, model, opts) for _ in range(TRIALS)]}
     # the documented first step on a new machine: `engine probe --calibrate tiny` times the VAE

@@ -54,29 +54,36 @@ def test_a_run_calibrates_the_next_plan_on_its_device(tiny_model, cpu):
     assert Plan.from_json(second.to_json()) == second
 
 
-@pytest.mark.parametrize("force", ["cfg=batched,ae_decode=chunk:2", "cfg=sequential,ae_decode=per-frame"])
-def test_the_minimal_calls_are_the_runs_calls_at_the_smallest_size(tiny_model, cpu, force):
+@pytest.mark.parametrize("force,unet_batch,encode_frames,decode_frames", [
+    ("cfg=batched,ae_decode=chunk:3,encode_all_frames=true,ae_encode=chunk:2", 2, 2, 3),
+    ("cfg=sequential,ae_decode=per-frame", 1, 1, 1)])
+def test_the_minimal_calls_are_the_runs_calls_at_the_smallest_size(tiny_model, cpu, force, unet_batch,
+                                                                   encode_frames, decode_frames):
     """The fixed cost is timed on the calls the run made (its CFG batch, its frames per VAE call),
     shrunk to the smallest latent: a batch-1, one-frame call under-counts a batched step's."""
     plan = make_plan(load_spec("tiny"), 64, 64, 4, cpu, steps=1, force=force)
     side = 2 ** (len(tiny_model.spec.unet.channel_mult) - 1)
-    seen = {"unet": [], "decoder": []}
+    pixels = side * tiny_model.spec.vae.downsample_factor
+    seen = {"unet": [], "encoder": [], "decoder": []}
+    vae = tiny_model.first_stage_model
     hooks = [part.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(tuple(args[0].shape)))
-             for key, part in (("unet", tiny_model.model.diffusion_model),
-                               ("decoder", tiny_model.first_stage_model.decoder))]
+             for key, part in (("unet", tiny_model.model.diffusion_model), ("encoder", vae.encoder),
+                               ("decoder", vae.decoder))]
     try:
         result = generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)), plan, progress=False)
     finally:
         for hook in hooks:
             hook.remove()
-    unet_batch, decode_frames = (2, 2) if force.startswith("cfg=batched") else (1, 1)
-    run_unet = [s for s in seen["unet"] if s[-1] != side]
-    assert run_unet and {s[0] for s in run_unet} == {unet_batch}  # what the run itself called
-    minimal = [s for s in seen["unet"] if s[-1] == side]
+    assert not result.adjustments  # the run followed its plan, so it calibrated
+
+    def batches(key, smallest):  # the batches of the calls at (or not at) the smallest size
+        edge = pixels if key == "encoder" else side
+        return [s[0] for s in seen[key] if (s[-1] == edge) == smallest]
+    assert set(batches("unet", False)) == {unet_batch}  # what the run itself called
     # a warm-up and five timed steps, each the run's calls per step, at the run's batch
-    assert len(minimal) == 6 * (2 // unet_batch) and {s[0] for s in minimal} == {unet_batch}
-    assert {s[0] for s in seen["decoder"] if s[-1] == side} == {decode_frames}
-    assert {s[0] for s in seen["decoder"] if s[-1] != side} == {decode_frames}
+    assert batches("unet", True) == [unet_batch] * (6 * (2 // unet_batch))
+    assert max(batches("encoder", False)) == encode_frames and batches("encoder", True) == [encode_frames] * 6
+    assert max(batches("decoder", False)) == decode_frames and batches("decoder", True) == [decode_frames] * 6
     assert next(r for r in result.stages if r.name == "denoise").call_s > 0
 
 
@@ -136,6 +143,37 @@ def test_ratios_are_kept_per_size_and_interpolated_between_them(tmp_path):
     c = store.correction("denoise")
     assert len(c.points) == 2 and c.time_at(0.01) == pytest.approx((3.0 * 2.0) ** 0.5)
     assert c.time_at(0.04) == pytest.approx(1.5)
+
+
+def test_a_store_keeps_sizes_apart_and_survives_old_and_damaged_files(tmp_path):
+    """A run merges into the nearest measured size only (its size kept), the oldest of more than
+    eight sizes is dropped, a store written before sizes were kept applies and seeds its running
+    mean, and a damaged entry leaves that stage uncalibrated instead of failing the plan."""
+    from types import SimpleNamespace
+
+    from engine.plan.plan import StagePlan
+    from engine.planner.calibration import Correction, corrected
+
+    c = Correction(2.0, runs=2, points=((1.0, 2.0), (1.18, 4.0)))
+    merged = c.with_point(1.09, 8.0, 0.5)  # within 10 % of both: only the nearest (1.18) takes it
+    assert merged == ((1.0, 2.0), (1.18, pytest.approx((4.0 * 8.0) ** 0.5)))
+    many = Correction()
+    for k in range(9):
+        many = Correction(points=many.with_point(2.0 ** k, 1.0 + k, 0.5), runs=k + 1)
+    assert [x for x, _ in many.points] == [2.0 ** k for k in range(1, 9)]  # the first size dropped
+    device = SimpleNamespace(kind="cpu", name="test")
+    store = CalibrationStore(device, "digest", root=tmp_path)
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(json.dumps({"stages": {
+        "denoise": {"time": 3.0, "memory": 1.0, "runs": 4, "call_s": 0.0},  # before sizes were kept
+        "vae_decode": {"time": 1.0, "points": [[0.01]]}}}))  # damaged
+    store = CalibrationStore(device, "digest", root=tmp_path)
+    assert set(store.stages) == {"denoise"}
+    stage = StagePlan("denoise", 1, 1, 0.4, calls=4)
+    assert corrected(stage, store.correction("denoise")).time_s == pytest.approx(1.2)
+    store.record(SimpleNamespace(stage=lambda name: stage),
+                 [SimpleNamespace(name="denoise", time_s=0.4 * 12.0, call_s=None, peak_bytes=None)])
+    assert store.correction("denoise").points == ((0.1, pytest.approx((3.0 * 12.0) ** 0.5)),)
 
 
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):

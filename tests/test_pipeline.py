@@ -60,6 +60,14 @@ def test_multi_condition_cfg_runs(tiny_model):
     assert torch.isfinite(out.video).all()
 
 
+def test_an_image_scale_without_guidance_runs_the_conditional_branch_alone(tiny_model):
+    """cfg 1 builds no unconditional branches, so there is nothing for cfg_img to scale: the run
+    is the plain conditional one (it used to fail after encoding, with no branch to apply it to)."""
+    plain = generate(tiny_model, GenerateOptions(**FAST, cfg=1.0), progress=False)
+    scaled = generate(tiny_model, GenerateOptions(**FAST, cfg=1.0, cfg_img=2.0), progress=False)
+    assert scaled.unet_calls == FAST["steps"] and torch.equal(scaled.video, plain.video)
+
+
 @pytest.mark.parametrize("field,value,pattern", [
     ("height", 60, r"`opts.height` 60 must be a positive multiple of 16.*use 48 or 64"),
     ("width", 100, r"`opts.width` 100 .*use 96 or 112"),

@@ -78,7 +78,7 @@ def run(args) -> int:
     if "calibration_reset_files" in info:
         print(f"calibration reset ({info['calibration_reset_files']} file(s) removed)")
     for model, stages in info["calibration"].items():
-        factors = ", ".join(f"{k} time {Correction(**c).time_text()} memory x{c['memory']:.2f} "
+        factors = ", ".join(f"{k} time {Correction.from_dict(c).time_text()} memory x{c['memory']:.2f} "
                             f"({c['runs']} runs)" for k, c in stages.items())
         print(f"calibrated model {model}: {factors}")
     return 0

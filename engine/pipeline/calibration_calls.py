@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..estimate.timing.layout import call_layout
 from .conditioning import guided, unet_call
 
 
@@ -26,13 +25,8 @@ def time_minimal_calls(model, run, opts, conds, x: torch.Tensor, frames: torch.T
     denoiser = guided(unet_call(model), small, opts, settings)
     x_small, t = x[..., :side, :side], torch.full((x.shape[0],), 1, device=x.device, dtype=torch.long)
     run.time_minimal_call("denoise", lambda: denoiser(x_small, t), calls=denoiser.calls_per_step)
-    vae, factor = model.first_stage_model, spec.vae.downsample_factor
-    encode_k = _frames_per_call(settings.ae_encode, frames.shape[0], opts, factor)
-    decode_k = _frames_per_call(settings.ae_decode, flat.shape[0], opts, factor)
+    vae = model.first_stage_model
+    encode_k = min(settings.ae_encode.chunk or frames.shape[0], frames.shape[0])  # the run's largest chunk
+    decode_k = min(settings.ae_decode.chunk or flat.shape[0], flat.shape[0])
     run.time_minimal_call("vae_encode", lambda: vae.encode(frames[:encode_k, :, :pixels, :pixels]))
     run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:decode_k, :, :side, :side]))
-
-
-def _frames_per_call(mode, frames: int, opts, downsample: int) -> int:
-    """Frames in one VAE call of ``mode`` (the largest chunk; tiles do not change it)."""
-    return call_layout(mode, frames, opts.height, opts.width, downsample).chunks[0][0]

@@ -42,8 +42,10 @@ def guided(network, conds, opts, settings) -> CFGDenoiser:
     """The run's guidance wrapper over ``network``: ``conds`` as ``(cond, uncond, uncond_image)``,
     the options' guidance scales and the settings' CFG batching."""
     cond, uncond, uncond_image = conds
+    # the image scale only applies with its branch (cfg == 1 builds none: plain conditional steps)
+    cfg_img = opts.cfg_img if uncond_image is not None else None
     return CFGDenoiser(network, cond, uncond, opts.cfg, guidance_rescale=opts.guidance_rescale,
-                       uncond_image=uncond_image, cfg_img=opts.cfg_img, batched=settings.cfg is CFGMode.BATCHED)
+                       uncond_image=uncond_image, cfg_img=cfg_img, batched=settings.cfg is CFGMode.BATCHED)
 
 
 def unet_call(model):

@@ -131,9 +131,10 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
     counts = {"unet_calls": 0, "steps": 0}
     progress_ = _Progress(opts, model.spec, resume, callback_on_step_end)
     predict = stage_predictor(model.spec, plan) if plan is not None else None  # guides re-plans
+    calibrating = _calibrating(plan, opts, resumed=resume is not None)
     with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan, predict=predict) as run:
         try:
-            video = _run_stages(model, opts, run, progress, counts, progress_, _calibrating(plan, opts))
+            video = _run_stages(model, opts, run, progress, counts, progress_, calibrating)
         except _StopRequested:
             video = None
         except KeyboardInterrupt as err:
@@ -144,22 +145,19 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         except torch.OutOfMemoryError as err:  # outside any stage (inputs, noise): nothing to re-plan
             raise OutOfMemory(f"`max_memory` left no room for the run's inputs ({err}); raise it or lower "
                               "the resolution or frame count.") from err
-    _calibrate(plan, opts, run)
+    if calibrating and video is not None and not run.adjustments:  # it followed its plan to the end
+        CalibrationStore(plan.device, plan.workload.config_digest).record(plan, run.records)
     return GenerateResult(video=video, options=opts, settings=run.settings, stages=tuple(run.records),
                           plan=plan, adjustments=tuple(run.adjustments), unet_calls=counts["unet_calls"],
                           denoise_steps=counts["steps"], state=progress_.state(run), stopped=video is None)
 
 
-def _calibrating(plan, opts) -> bool:
-    """Whether this run can calibrate the next plans: a plan made for it on a probed device."""
-    return plan is not None and plan.device.source == "probe" and opts.steps == plan.workload.steps
-
-
-def _calibrate(plan, opts, run) -> None:
-    """A run that followed its plan on a probed device calibrates the next plans there."""
-    if not _calibrating(plan, opts) or run.adjustments:
-        return
-    CalibrationStore(plan.device, plan.workload.config_digest).record(plan, run.records)
+def _calibrating(plan, opts, resumed: bool) -> bool:
+    """Whether this run can calibrate the next plans: a whole run (not resumed) from a plan made
+    for it on a probed device, with the guidance the planner models (not a third, image-guided
+    branch: plans count two)."""
+    return (plan is not None and plan.device.source == "probe" and opts.steps == plan.workload.steps
+            and not resumed and (opts.cfg_img is None or opts.cfg == 1.0))
 
 
 class _StopRequested(Exception):
@@ -244,7 +242,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
                                                              progress, counts))
     flat, done = flat_latents(model, latents), []
     video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run, done))
-    if calibrating:
+    if calibrating and not run.adjustments:  # a run that re-planned calibrates nothing
         time_minimal_calls(model, run, opts, conds, saved.x,
                            torch.cat(_frames_to_encode(images, opts, run.settings), dim=0), flat)
     if opts.mode == "loop":

@@ -8,16 +8,16 @@ corrected upwards (a plan that under-predicted once keeps the margin). Torch-fre
 
 Time has two parts that scale differently: a fixed cost per model call (dispatch, kernel launches,
 Python: the same at any size) and the work the roofline predicts. One run at one size cannot tell
-them apart, so the run also times one minimal call of the stage's model (``StageRecord.call_s``);
-the correction is then ``time = ratio * (model - model_fixed) + calls * call_s``, with ``ratio``
-from what the run measured beyond its calls' fixed cost, and it carries over to other sizes and
-call counts. ``model_fixed`` (``StagePlan.fixed_s`` before calibration) is the per-call part the
+them apart, so the run also times its own calls shrunk to the smallest input (one guided step,
+one VAE call each way: ``StageRecord.call_s`` per model call); the correction is then
+``time = ratio * (model - model_fixed) + calls * call_s``, with ``ratio`` from what the run
+measured beyond its calls' fixed cost, for other call counts too. ``model_fixed`` (``StagePlan.fixed_s`` before calibration) is the per-call part the
 time model itself predicts (a measured VAE time model has one, a roofline none): the measured
 ``call_s`` takes its place, so the fixed cost is counted once.
 
 How much slower than its time model a device runs a call depends on the call's size (larger calls
 fill the cores or the GPU better; on the CPU, activations past the caches or the allocator's
-mmap threshold cost more), so the ratio is kept per size: per measured work of one call (the
+mmap threshold cost more), so the ratio is kept per size: per predicted work of one call (the
 time model's seconds per call before correction), up to ``_MAX_POINTS`` sizes. A plan takes the
 ratio of the nearest measured size beyond the measured range and interpolates between sizes
 (log-log); runs at the same size (within ``_SAME_SIZE``) refine that size's ratio.
@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -69,8 +69,11 @@ class Correction:
     # (predicted seconds of one call's work, time ratio measured at that size), newest last
     points: tuple[tuple[float, float], ...] = ()
 
-    def __post_init__(self):  # read back from JSON as lists
-        object.__setattr__(self, "points", tuple(tuple(p) for p in self.points))
+    def __post_init__(self):  # read back from JSON as lists; a damaged store raises ValueError
+        points = tuple((float(x), float(r)) for x, r in self.points)
+        if any(not (x > 0 and r > 0) for x, r in points):
+            raise ValueError(f"calibration points must be positive, not {points}")
+        object.__setattr__(self, "points", points)
 
     def time_at(self, work_s: float) -> float:
         """The time ratio for calls of ``work_s`` predicted seconds each: the measured size's,
@@ -87,13 +90,23 @@ class Correction:
         return ordered[-1][1]
 
     def with_point(self, work_s: float, ratio: float, weight: float) -> tuple[tuple[float, float], ...]:
-        """``points`` with a run at ``work_s`` folded in: a size measured before is refined by the
-        running mean (the newest weighted ``weight``), a new size added."""
-        points = [p for p in self.points if abs(p[0] / work_s - 1) > _SAME_SIZE]
-        same = [p for p in self.points if abs(p[0] / work_s - 1) <= _SAME_SIZE]
-        if same:
-            ratio = _blend(same[-1][1], ratio, weight)
+        """``points`` with a run at ``work_s`` folded in: the nearest measured size, when within
+        ``_SAME_SIZE``, keeps its size and has its ratio refined by the running mean (the newest
+        weighted ``weight``); otherwise the size is added (the oldest dropped past
+        ``_MAX_POINTS``). A store from before sizes were kept seeds it with its running mean."""
+        points = list(self.points)
+        if not points and self.runs:
+            ratio = _blend(self.time, ratio, weight)
+        nearest = min(points, key=lambda p: abs(math.log(p[0] / work_s)), default=None)
+        if nearest is not None and abs(nearest[0] / work_s - 1) <= _SAME_SIZE:
+            points[points.index(nearest)] = (nearest[0], _blend(nearest[1], ratio, weight))
+            return tuple(points)
         return tuple(points[-(_MAX_POINTS - 1):] + [(work_s, ratio)])
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Correction:
+        """A stored correction; fields another version wrote and this one lacks are left out."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def time_text(self) -> str:
         """``x<ratio> + <call_s> ms/call``: the roofline factor (its range over the measured sizes)
@@ -115,7 +128,13 @@ class CalibrationStore:
             raw = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return {name: Correction(**c) for name, c in raw.get("stages", {}).items()}
+        stages = {}
+        for name, c in raw.get("stages", {}).items() if isinstance(raw, dict) else ():
+            try:
+                stages[name] = Correction.from_dict(c)
+            except (TypeError, ValueError):  # a damaged entry: that stage is uncalibrated again
+                log.warning("calibration of %s in %s is unreadable; ignored", name, self.path)
+        return stages
 
     def correction(self, stage: str) -> Correction | None:
         return self.stages.get(stage)
