@@ -176,6 +176,33 @@ def test_a_store_keeps_sizes_apart_and_survives_old_and_damaged_files(tmp_path):
     assert store.correction("denoise").points == ((0.1, pytest.approx((3.0 * 12.0) ** 0.5)),)
 
 
+def test_a_vae_time_model_measured_on_the_device_is_not_rescaled_by_runs(tiny_model, cpu, monkeypatch):
+    """After `engine probe --calibrate`, the VAE stages are timed by this device's own measured
+    model: `measured`, no lower bound, and a calibrating run corrects their memory but leaves
+    their time (one run's single call is a noisier measurement of the same thing)."""
+    import torch
+
+    from engine.estimate.timing import AETimeModel
+    from engine.planner.estimators import Estimators
+
+    torch.manual_seed(0)
+    measured = AETimeModel.calibrate(tiny_model.first_stage_model, budget_s=1.0, cache=False)
+    monkeypatch.setattr(AETimeModel, "cached", classmethod(lambda cls, *args, **kwargs: measured))
+    spec = load_spec("tiny")
+    est = Estimators(spec, cpu)  # not the process's shared bundle: it may hold an unmeasured model
+    first = make_plan(spec, 64, 64, 4, cpu, steps=2, estimators=est)
+    vae_stages = {"vae_encode", "vae_decode"}
+    assert {s.name for s in first.stages if s.time_is == "measured"} == vae_stages
+    assert all(s.time_measured == (s.name in vae_stages) for s in Plan.from_json(first.to_json()).stages)
+    generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)), first, progress=False)
+    store = CalibrationStore(cpu, first.workload.config_digest)
+    assert all(store.correction(n).points == () and store.correction(n).runs == 1 for n in vae_stages)
+    second = make_plan(spec, 64, 64, 4, cpu, steps=2, estimators=est)
+    for a, b in zip(first.stages, second.stages):
+        assert (a.time_s == b.time_s) == (a.name in vae_stages)  # the others are calibrated now
+    assert not any("vae_" in note for note in second.assumptions if "corrected by" in note)
+
+
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):
     from dataclasses import replace
 

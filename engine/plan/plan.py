@@ -88,17 +88,23 @@ class StagePlan:
     # of time_s: the calls' fixed cost (calls * per-call seconds): the time model's own (a measured
     # VAE time model's per-call overhead; 0 for a roofline) until runs measured it on this device
     fixed_s: float = 0.0
+    # time_s is from a time model measured on this device (``engine probe --calibrate``'s VAE
+    # model), not a roofline: no lower bound, and runs do not rescale it
+    time_measured: bool = False
 
     @property
     def time_is(self) -> str:
-        """``calibrated`` once runs on this device corrected it; else a roofline ``lower_bound``."""
+        """``measured`` from a time model measured on this device; ``calibrated`` once runs on this
+        device corrected it; else a roofline ``lower_bound``."""
+        if self.time_measured:
+            return "measured"
         return "calibrated" if self.calibration != 1.0 else "lower_bound"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": int(self.peak_bytes),
                 "allocated_bytes": int(self.allocated_bytes), "time_s": float(self.time_s),
                 "time_is": self.time_is, "calibration": float(self.calibration),
-                "calls": int(self.calls), "fixed_s": float(self.fixed_s),
+                "calls": int(self.calls), "fixed_s": float(self.fixed_s), "time_measured": self.time_measured,
                 "terms": {k: int(v) for k, v in self.terms.items()}, "note": self.note}
 
 
@@ -155,7 +161,7 @@ class Plan:
 
     @property
     def _calibrated(self) -> bool:
-        return all(s.time_is == "calibrated" for s in self.stages)
+        return all(s.time_is != "lower_bound" for s in self.stages)
 
     @property
     def fits(self) -> bool:

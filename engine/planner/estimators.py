@@ -42,6 +42,7 @@ class StageWork:
     mode: object = None
     time_s: float | None = None
     overhead_s: float = 0.0  # of ``time_s``: its calls' fixed cost, as the time model has it
+    time_measured: bool = False  # ``time_s`` is from a time model measured on this device
 
 
 def _dtype_name(precision: str) -> str:
@@ -315,8 +316,9 @@ class Estimators:
         except InfeasibleBudget as exc:  # report the least-memory mode; the caller rejects the plan
             choice = force_mode(direction, frames, height, width, exc.mode, **args)
         act = choice.allocated_bytes - vae_weights  # input + activations + workspace
+        measured = self._time_model(precision).source == "measured"
         work = StageWork(act, choice.flops, 0.0, choice.allocator_bytes, choice.mode, choice.time_s,
-                         choice.overhead_s)
+                         choice.overhead_s, measured)
         self._ae_choices[asked] = work
         return work
 

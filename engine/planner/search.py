@@ -150,15 +150,19 @@ def make_plan(spec, height: int, width: int, frames: int, device: DeviceSpec, *,
                 stages=tuple(stages), forced=forced.items,
                 rejected=tuple(Rejected(c, r) for c, _, r in rejected[:30] if c is not best),
                 planning_ms=(time.perf_counter() - t0) * 1e3,
-                assumptions=tuple(est.assumptions()) + _calibration_notes(store))
+                assumptions=tuple(est.assumptions()) + _calibration_notes(store, stages))
 
 
-def _calibration_notes(store) -> tuple[str, ...]:
-    if store is None or not store.stages:
+def _calibration_notes(store, stages) -> tuple[str, ...]:
+    """How the plan's stage times were corrected; stages timed by a model measured on this
+    device are not rescaled and so not listed."""
+    rescaled = {s.name for s in stages if not s.time_measured}
+    corrections = {k: c for k, c in (store.stages.items() if store is not None else ()) if k in rescaled}
+    if not corrections:
         return ("stage times are roofline lower bounds (marked >=) until a run on this device "
                 "calibrates them",)
-    runs = max(c.runs for c in store.stages.values())
-    factors = ", ".join(f"{k} {c.time_text()}" for k, c in store.stages.items())
+    runs = max(c.runs for c in corrections.values())
+    factors = ", ".join(f"{k} {c.time_text()}" for k, c in corrections.items())
     return (f"stage times corrected by {runs} calibrating run(s) on this device: {factors} "
             "(`engine probe --reset-calibration` drops them)",)
 
@@ -260,20 +264,18 @@ def _infeasible(rejected, budget, reserve, device, name) -> DoesNotFit:
 
 
 def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident: int):
-    """(activation bytes, flops, bytes moved, chosen AE mode or None, allocator bytes, time, the
-    time's per-call fixed part) of a stage; the last two are None and 0 where the roofline times it."""
+    """A stage's :class:`~engine.planner.estimators.StageWork`: activation bytes, FLOPs, bytes
+    moved, allocator bytes and, for the VAE stages, the chosen mode and the AE time model's time
+    (``time_s`` None where the roofline times the stage)."""
     calls, batch = _unet_calls(s, w)
     if name in ("vae_encode", "vae_decode"):
         direction = "encode" if name == "vae_encode" else "decode"
         frames = w.encoded_frames(s) if direction == "encode" else w.frames
         forced = getattr(s, stage_of(name).ae_setting)
-        ch = est.autoencode(direction, frames, w.height, w.width, s.precision.value, forced=forced,
-                            budget_bytes=budget_left, resident_bytes=resident)
-        return (ch.activation_bytes, ch.flops, ch.bytes_moved, ch.mode, ch.allocator_bytes, ch.time_s,
-                ch.overhead_s)
-    e = est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
-                  attention=s.attention, cfg_batch=batch, guidance=w.guidance)
-    return e.activation_bytes, e.flops, e.bytes_moved, None, e.allocator_bytes, None, 0.0
+        return est.autoencode(direction, frames, w.height, w.width, s.precision.value, forced=forced,
+                              budget_bytes=budget_left, resident_bytes=resident)
+    return est.stage(name, height=w.height, width=w.width, frames=w.frames, precision=s.precision.value,
+                     attention=s.attention, cfg_batch=batch, guidance=w.guidance)
 
 
 def _lead_fits(est, s: Settings, w: Workload, lead) -> None:
@@ -314,13 +316,14 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
         resident = weights_on + carried + cache
         cached_free = 0 if s.empty_cache else max(0, prev_reserved - prev_live)
         left = budget - terms.cuda_context_bytes - cached_free
-        act, flops, moved, mode, alloc_extra, ae_time, overhead = _stage_work(name, s, w, est, left, resident)
+        work = _stage_work(name, s, w, est, left, resident)
+        act, mode, alloc_extra = work.activation_bytes, work.mode, work.allocator_bytes
         allocated = resident + act
         reserved = reserved_after(allocated + alloc_extra, prev_reserved, prev_live, s.empty_cache)
         peak = terms.cuda_context_bytes + reserved
         n = unet_calls if name == "denoise" else 1
-        t = ae_time if ae_time is not None else n * roofline_seconds(
-            flops, moved, _flops_rate(device, s.precision), device.mem_bandwidth)
+        t = work.time_s if work.time_s is not None else n * roofline_seconds(
+            work.flops, work.bytes_moved, _flops_rate(device, s.precision), device.mem_bandwidth)
         moving = transfer_bytes(name, weights, s.offload, unet_calls) / (device.link_bandwidth or float("inf"))
         # block offload prefetches the next block on a side stream: copies overlap the compute
         t = max(t, moving) if (s.offload is Offload.BLOCK and name == "denoise") else t + moving
@@ -331,7 +334,7 @@ def evaluate(s: Settings, w: Workload, device: DeviceSpec, budget: int, est, hos
             "cuda_context": terms.cuda_context_bytes, "weights": weights_on, "autocast_cache": cache,
             "carried": carried, "activations": act, "cached_blocks": reserved - allocated - alloc_extra,
             "allocator": alloc_extra}, note, calls=_model_calls(name, n, mode, s, w, est.spec.vae.downsample_factor),
-            fixed_s=overhead),
+            fixed_s=work.overhead_s, time_measured=work.time_measured),
             store.correction(name) if store else None)
         stages.append(stage)
         if reason is None and stage.peak_bytes > budget:
