@@ -343,4 +343,8 @@ class Estimators:
             if self.device.source != "probe":
                 notes.append("times are a roofline over the catalogue's datasheet throughput "
                              "(uncalibrated for this card)")
+        elif self.device.source == "probe" and "VAE times calibrated on this device" not in notes:
+            notes.append(f"VAE times are FLOPs at the probed matmul rate: `engine probe --calibrate "
+                         f"{self.spec.name}` measures the VAE's speed at many sizes on this CPU (once, ~20 s), "
+                         "which one run's correction cannot (its speed per FLOP changes with size)")
         return notes
