@@ -11,9 +11,10 @@ Python: the same at any size) and the work the roofline predicts. One run at one
 them apart, so the run also times its own calls shrunk to the smallest input (one guided step,
 one VAE call each way: ``StageRecord.call_s`` per model call); the correction is then
 ``time = ratio * (model - model_fixed) + calls * call_s``, with ``ratio`` from what the run
-measured beyond its calls' fixed cost, for other call counts too. ``model_fixed`` (``StagePlan.fixed_s`` before calibration) is the per-call part the
-time model itself predicts (a measured VAE time model has one, a roofline none): the measured
-``call_s`` takes its place, so the fixed cost is counted once.
+measured beyond its calls' fixed cost, for other call counts too. ``model_fixed``
+(``StagePlan.fixed_s`` before calibration) is the per-call part the time model itself predicts (a
+measured VAE time model has one, a roofline none): the measured ``call_s`` takes its place, so the
+fixed cost is counted once.
 
 How much slower than its time model a device runs a call depends on the call's size (larger calls
 fill the cores or the GPU better; on the CPU, activations past the caches or the allocator's

@@ -267,7 +267,7 @@ def _stage_work(name, s: Settings, w: Workload, est, budget_left: int, resident:
     """A stage's :class:`~engine.planner.estimators.StageWork`: activation bytes, FLOPs, bytes
     moved, allocator bytes and, for the VAE stages, the chosen mode and the AE time model's time
     (``time_s`` None where the roofline times the stage)."""
-    calls, batch = _unet_calls(s, w)
+    batch = _unet_calls(s, w)[1]
     if name in ("vae_encode", "vae_decode"):
         direction = "encode" if name == "vae_encode" else "decode"
         frames = w.encoded_frames(s) if direction == "encode" else w.frames
