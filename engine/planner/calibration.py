@@ -26,7 +26,7 @@ ratio of the nearest measured size beyond the measured range and interpolates be
 A stage whose time model was itself measured on this device (the VAE's, after ``engine probe
 --calibrate``: a ladder of calls at many sizes, each the fastest of several) keeps that time: one
 run's single VAE call is a noisier measurement of the same thing (on this project's CPU the
-measured model was within 12 % of the next run and a run's correction moved it up to 52 % off).
+measured model was within 17 % of the next run and a run's correction moved it up to 52 % off).
 Its memory is still corrected.
 
 ``engine probe`` shows the corrections; ``engine probe --reset-calibration`` drops them.
