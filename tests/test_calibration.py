@@ -87,6 +87,25 @@ def test_the_minimal_calls_are_the_runs_calls_at_the_smallest_size(tiny_model, c
     assert next(r for r in result.stages if r.name == "denoise").call_s > 0
 
 
+def test_a_timed_step_of_several_calls_keeps_the_cost_of_one(monkeypatch):
+    """``call_s`` is per model call: a sequential-CFG step makes two or three, and the timed
+    median is divided by them (a clock that advances one second a reading makes it exact)."""
+    import itertools
+
+    import torch
+
+    from engine.plan.settings import Settings
+    from engine.runtime import executor
+    from engine.runtime.budget import MemoryBudget
+
+    clock = itertools.count()
+    monkeypatch.setattr(executor.time, "perf_counter", lambda: float(next(clock)))
+    run = executor.Run(None, Settings(), torch.device("cpu"), MemoryBudget(None, "cpu"),
+                       records=[executor.StageRecord("denoise", (), 1.0)])
+    run.time_minimal_call("denoise", lambda: None, calls=3)
+    assert run.records[0].call_s == pytest.approx(1 / 3)
+
+
 def test_a_measured_per_call_cost_replaces_the_time_models_own(tmp_path):
     from types import SimpleNamespace
 
