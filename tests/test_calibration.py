@@ -180,6 +180,8 @@ def test_a_store_keeps_sizes_apart_and_survives_old_and_damaged_files(tmp_path):
     for k in range(9):
         many = Correction(points=many.with_point(2.0 ** k, 1.0 + k, 0.5), runs=k + 1)
     assert [x for x, _ in many.points] == [2.0 ** k for k in range(1, 9)]  # the first size dropped
+    # runs that only recorded memory (a measured VAE time model) seed no time ratio
+    assert Correction(memory=1.2, runs=3).with_point(0.1, 5.0, 0.5) == ((0.1, 5.0),)
     device = SimpleNamespace(kind="cpu", name="test")
     store = CalibrationStore(device, "digest", root=tmp_path)
     store.path.parent.mkdir(parents=True)

@@ -102,7 +102,9 @@ class Correction:
         weighted ``weight``); otherwise the size is added (the oldest dropped past
         ``_MAX_POINTS``). A store from before sizes were kept seeds it with its running mean."""
         points = list(self.points)
-        if not points and self.runs:
+        # 1.0 is the default: runs whose time model was measured on the device leave it (they
+        # record memory only), so only a ratio an older store measured seeds the first size
+        if not points and self.runs and self.time != 1.0:
             ratio = _blend(self.time, ratio, weight)
         nearest = min(points, key=lambda p: abs(math.log(p[0] / work_s)), default=None)
         if nearest is not None and abs(nearest[0] / work_s - 1) <= _SAME_SIZE:
