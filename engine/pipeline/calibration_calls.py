@@ -26,7 +26,7 @@ def time_minimal_calls(model, run, opts, conds, x: torch.Tensor, frames: torch.T
     x_small, t = x[..., :side, :side], torch.full((x.shape[0],), 1, device=x.device, dtype=torch.long)
     run.time_minimal_call("denoise", lambda: denoiser(x_small, t), calls=denoiser.calls_per_step)
     vae = model.first_stage_model
-    encode_k = min(settings.ae_encode.chunk or frames.shape[0], frames.shape[0])  # the run's largest chunk
-    decode_k = min(settings.ae_decode.chunk or flat.shape[0], flat.shape[0])
+    encode_k = settings.ae_encode.frames_per_call(frames.shape[0])
+    decode_k = settings.ae_decode.frames_per_call(flat.shape[0])
     run.time_minimal_call("vae_encode", lambda: vae.encode(frames[:encode_k, :, :pixels, :pixels]))
     run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:decode_k, :, :side, :side]))

@@ -23,7 +23,7 @@ def _in_groups(run, stage: str, total: int, done: list[torch.Tensor], call) -> N
     start = sum(d.shape[0] for d in done)
     while start < total:
         mode = getattr(run.settings, key)
-        group = min(mode.chunk or total - start, total - start)
+        group = mode.frames_per_call(total - start)
         run.budget.at(stage, len(done))
         first = not done and start + group < total and run.budget.measurable()
         with run.budget.measuring() if first else contextlib.nullcontext({}) as measured:

@@ -51,6 +51,10 @@ class AEMode:
                 raise InvalidArgument(f"`overlap` must be in [0, {min(self.tile)}) for tile "
                                  f"{self.tile} (got {self.overlap}); use a smaller overlap.")
 
+    def frames_per_call(self, frames: int) -> int:
+        """Frames in each VAE call of a run of ``frames`` (the last chunk may hold fewer)."""
+        return min(self.chunk or frames, frames)
+
     @property
     def is_batched(self) -> bool:
         """True when the mode is the plain single call (no chunking, no tiling)."""

@@ -202,7 +202,7 @@ def _evaluate(direction: str, frames: int, height: int, width: int, mode: AEMode
 
 def _preference(choice: AEChoice) -> tuple[int, float]:
     """Larger is preferred among ties: frames per call, then untiled, then tile area."""
-    k = min(choice.mode.chunk or choice.frames, choice.frames)
+    k = choice.mode.frames_per_call(choice.frames)
     tile = math.inf if choice.mode.tile is None else choice.mode.tile[0] * choice.mode.tile[1]
     return k, tile
 

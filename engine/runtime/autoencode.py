@@ -80,7 +80,7 @@ def _run(caller: VAECall, src: torch.Tensor, mode: AEMode, f: int, out: torch.Te
                          f"{f}; pad or resize it to multiples of {f}, or drop the tile from "
                          f"`{argument}`.")
     grid = _tile_grid(mode, lat_h, lat_w, f, argument) if mode.tile is not None else None
-    k = mode.chunk or n
+    k = mode.frames_per_call(n)
     scale_out = f if up else 1
     for i in range(0, n, k):
         part = prepare(src[i: i + k])

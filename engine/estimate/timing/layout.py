@@ -38,14 +38,14 @@ def call_layout(mode, frames: int, height: int, width: int, downsample: int = 8)
     """The VAE calls :func:`engine.runtime.autoencode.decode_frames` makes for ``mode``.
 
     Args:
-        mode: an :class:`~engine.plan.aemode.AEMode` (anything with ``chunk``, ``tile``,
+        mode: an :class:`~engine.plan.aemode.AEMode` (its ``frames_per_call``, ``tile`` and
             ``overlap``).
         frames: frames to encode or decode.
         height, width: frame size in PIXELS (the latent is ``height // downsample``).
         downsample: the VAE's spatial factor.
     """
     h, w = max(1, height // downsample), max(1, width // downsample)
-    k = min(mode.chunk or frames, frames)
+    k = mode.frames_per_call(frames)
     chunks = tuple((size, n) for size, n in ((k, frames // k), (frames % k, 1)) if size and n)
     tiled, tiles, call_hw = False, 1, (h, w)
     grid = tile_grid(mode, h, w, downsample, "mode") if mode.tile is not None else None

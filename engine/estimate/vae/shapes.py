@@ -31,7 +31,7 @@ class CallPoint:
 def classify_call(frames: int, lat_h: int, lat_w: int, mode: AEMode, f: int) -> CallPoint:
     """Family and features of a call, following the runtime's own chunk and tile rules."""
     n = frames
-    k = min(mode.chunk or n, n)
+    k = mode.frames_per_call(n)
     hw = float(lat_h * lat_w)
     if mode.tile is not None:
         # The runtime's own grid rule, so both always agree.
