@@ -14,15 +14,13 @@ Writes ``benchmarks/results/calibration_cpu.json``.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
+from report_rows import cpu_machine, utc_now  # noqa: E402  (same folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATE_AT, CHECK_AT, FRAMES, STEPS = (64, 64), (96, 128), 8, 6
@@ -51,7 +49,6 @@ def trial(spec, cpu, model, opts, sizes=(CALIBRATE_AT,)) -> list[dict]:
 def main() -> None:
     from engine.config import load_spec
     from engine.device import probe_cpu
-    from engine.device.host import cpu_name
     from engine.pipeline.generate import generate
     from engine.pipeline.image_io import EXAMPLE_IMAGE
     from engine.pipeline.loading import load_model
@@ -81,9 +78,7 @@ def main() -> None:
     variants["probe_calibrate"] = [trial(spec, cpu, model, opts) for _ in range(TRIALS)]
     print("after `engine probe --calibrate tiny` (the VAE's time model measured), then online calibration:")
     rows["probe_calibrate"] = report(variants["probe_calibrate"])
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__},
+    out = {"date": utc_now(), "machine": cpu_machine(),
            "calibrated_at": f"{CALIBRATE_AT[0]}x{CALIBRATE_AT[1]}x{FRAMES}",
            "checked_at": f"{CHECK_AT[0]}x{CHECK_AT[1]}x{FRAMES}",
            "second_size": f"{SECOND_SIZE[0]}x{SECOND_SIZE[1]}x{FRAMES}", "steps": STEPS, "target": TARGET,

@@ -11,15 +11,14 @@ Writes ``benchmarks/results/recovery_cpu.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from engine.device.host import cpu_name
+from report_rows import cpu_machine, utc_now  # noqa: E402  (same folder)
+
 from engine.pipeline.generate import generate
 from engine.pipeline.image_io import EXAMPLE_IMAGE
 from engine.pipeline.loading import load_model
@@ -63,9 +62,7 @@ def main() -> None:
         print(f"{stage:<13} fault at {str(step):<5} {seconds:7.2f} s  x{seconds / base:5.2f} of the unconstrained "
               f"{base:.2f} s; steps run {result.denoise_steps}/{OPTS['steps']}; "
               f"changes {rows[-1]['adjustments']}")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__},
+    out = {"date": utc_now(), "machine": cpu_machine(),
            "workload": {**OPTS, "image": "bundled example", "config": "tiny", "settings": SETTINGS},
            "unconstrained_s": round(base, 3), "repeats": args.repeats, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

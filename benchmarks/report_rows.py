@@ -1,4 +1,5 @@
-"""The predicted-vs-measured row the memory benchmarks print (``ae_memory``, ``foreign_modules``)."""
+"""What several benchmarks share: the predicted-vs-measured row the memory benchmarks print
+(``ae_memory``, ``foreign_modules``), and the date and machine the CPU benchmarks record."""
 from __future__ import annotations
 
 
@@ -14,3 +15,22 @@ def print_memory_row(head: str, r: dict, extra: str = "") -> None:
         return
     print(f"{head} pred {mib(r['predicted_bytes'])} MiB  meas {mib(r['measured_bytes'])} MiB  "
           f"err {r['rel_error']:+.4f}  {r['seconds']:6.1f} s{extra}", flush=True)
+
+
+def utc_now() -> str:
+    """The run's date, as every results file records it."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_machine(**extra) -> dict:
+    """The CPU a benchmark ran on: platform, model, torch's thread count and version, and ``extra``."""
+    import platform
+
+    import torch
+
+    from engine.device.host import cpu_name
+
+    return {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, **extra}

@@ -11,16 +11,16 @@ what ``docs/runtime.md`` cites for why one run's calibration carries that run's 
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from report_rows import cpu_machine, utc_now  # noqa: E402  (same folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS, SIZE, FRAMES, STEPS = 10, (64, 64), 8, 6
@@ -47,7 +47,6 @@ def main() -> None:
     os.environ["ENGINE_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="engine-calibration-")
     from engine.config import load_spec
     from engine.device import probe_cpu
-    from engine.device.host import cpu_name
     from engine.pipeline.generate import generate
     from engine.pipeline.image_io import EXAMPLE_IMAGE
     from engine.pipeline.loading import load_model
@@ -83,9 +82,7 @@ def main() -> None:
               f"minimal call {r['denoise_call_s'] * 1e3:.1f} ms")
     print(f"spread of the denoise time {summary['denoise_cv']:.1%}, divided by the reference kernel "
           f"{summary['denoise_over_reference_cv']:.1%}")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "load_average": os.getloadavg()},
+    out = {"date": utc_now(), "machine": cpu_machine(load_average=os.getloadavg()),
            "size": f"{SIZE[0]}x{SIZE[1]}x{FRAMES}", "steps": STEPS, "runs": RUNS, "summary": summary, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed_drift_cpu.json").write_text(json.dumps(out, indent=1))

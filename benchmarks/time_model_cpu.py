@@ -5,18 +5,17 @@ Writes ``benchmarks/results/time_model_cpu.json``. Usage: ``python benchmarks/ti
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
+from report_rows import cpu_machine, utc_now  # noqa: E402  (same folder)
+
 from engine.config import load_spec
 from engine.device import probe_device
-from engine.device.host import cpu_name
 from engine.pipeline.generate import generate
 from engine.pipeline.image_io import EXAMPLE_IMAGE
 from engine.pipeline.loading import load_model
@@ -53,9 +52,7 @@ def main() -> None:
     os.environ["ENGINE_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="engine-calibration-")
     device = probe_device()
     cases = [run_case(*c, device) for c in CASES]
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "measured_fp32_flops": device.fp32_flops},
+    out = {"date": utc_now(), "machine": cpu_machine(measured_fp32_flops=device.fp32_flops),
            "note": "time model = roofline over traced FLOPs/bytes at the probe's measured matmul rate; "
                    "ratio = measured / predicted", "cases": cases}
     RESULTS.mkdir(exist_ok=True)

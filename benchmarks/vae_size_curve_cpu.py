@@ -13,10 +13,8 @@ Writes ``benchmarks/results/vae_size_curve_cpu.json``.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from report_rows import cpu_machine, utc_now  # noqa: E402  (same folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES, FRAMES, REPEATS = ((64, 64), (96, 128), (128, 128)), 8, 5
@@ -74,7 +74,6 @@ def main() -> None:
         return
     from engine.config import load_spec
     from engine.device import probe_cpu
-    from engine.device.host import cpu_name
     from engine.planner.search import make_plan
 
     os.environ["ENGINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="engine-fits-")
@@ -100,9 +99,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--faults", mode], capture_output=True, text=True, check=True)
         faults["default" if mode == "default" else "freed_memory_kept"] = json.loads(out.stdout.strip().splitlines()[-1])
         print(mode, faults[list(faults)[-1]])
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__},
+    out = {"date": utc_now(), "machine": cpu_machine(),
            "sizes": rows, "growth_first_to_second": growth, "decode_page_faults": faults}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vae_size_curve_cpu.json").write_text(json.dumps(out, indent=1))
