@@ -330,6 +330,7 @@ class Estimators:
     def assumptions(self) -> list[str]:
         """What the plan assumed (asked for once every stage is estimated)."""
         notes = list(dict.fromkeys(self._notes))
+        vae_measured = any(model.source == "measured" for model in self._vae_time.values())
         if self.device.kind == "cuda":
             t = self.device_terms()
             if not t.context_measured:
@@ -337,13 +338,13 @@ class Estimators:
                              "assumed (run `engine probe` on the card to measure it)")
             notes.append("allocator: per-stage reserved = allocated + segment rounding; cached blocks "
                          "carried between stages when the cache is not emptied (upper bound)")
-            if "VAE times calibrated on this device" not in notes:
+            if not vae_measured:
                 notes.append(f"VAE calls: {ASSUMED_PER_CALL_S * 1e3:.0f} ms launch overhead each assumed "
                              "(time the VAE with `engine probe --calibrate CONFIG` on the card)")
             if self.device.source != "probe":
                 notes.append("times are a roofline over the catalogue's datasheet throughput "
                              "(uncalibrated for this card)")
-        elif self.device.source == "probe" and "VAE times calibrated on this device" not in notes:
+        elif self.device.source == "probe" and not vae_measured:
             notes.append(f"VAE times are FLOPs at the probed matmul rate: `engine probe --calibrate "
                          f"{self.spec.name}` measures the VAE's speed at many sizes on this CPU (once, ~20 s), "
                          "which one run's correction cannot (its speed per FLOP changes with size)")
