@@ -12,6 +12,9 @@ def _private_calibration(tmp_path_factory):
     import os
 
     os.environ["ENGINE_CALIBRATION_DIR"] = str(tmp_path_factory.mktemp("calibration"))
+    # nor time the VAE into the user's fit cache on a first calibrating run (tests that do it
+    # give it a budget and a cache of their own), subprocesses included
+    os.environ["ENGINE_VAE_TIMING_S"] = "0"
 
 
 def pytest_configure(config):
@@ -39,3 +42,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def private_fit_cache(tmp_path, monkeypatch):
+    """A copy of this session's fits (no refitting) without a time model of the tiny VAE measured
+    on this CPU, so plans time the VAE from FLOPs whatever the user's cache holds; this process's
+    plans look the VAE time models up afresh before and after."""
+    import shutil
+
+    from engine.config import load_spec
+    from engine.estimate.laws.cache import FitCache, default_cache_dir
+    from engine.estimate.timing.model import _cache_key, device_name
+    from engine.models.autoencoder import AutoencoderKL
+    from engine.planner.estimators import forget_vae_time_models
+
+    if (default_cache_dir() / "fits").is_dir():
+        shutil.copytree(default_cache_dir() / "fits", tmp_path / "fit-cache" / "fits")
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "fit-cache"))
+    with torch.device("meta"):
+        vae = AutoencoderKL(load_spec("tiny").vae)
+    FitCache().path(_cache_key(vae, device_name("cpu"), torch.float32)).unlink(missing_ok=True)
+    forget_vae_time_models()
+    yield FitCache()
+    forget_vae_time_models()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -16,6 +17,9 @@ from engine.pipeline.options import GenerateOptions
 from engine.plan.plan import Plan
 from engine.planner.calibration import CalibrationStore, reset_all
 from engine.planner.search import make_plan
+
+# plans here time the VAE from FLOPs unless a test measures it: not from a model in the user's cache
+pytestmark = pytest.mark.usefixtures("private_fit_cache")
 
 
 @pytest.fixture()
@@ -222,6 +226,79 @@ def test_a_vae_time_model_measured_on_the_device_is_not_rescaled_by_runs(tiny_mo
     for a, b in zip(first.stages, second.stages):
         assert (a.time_s == b.time_s) == (a.name in vae_stages)  # the others are calibrated now
     assert not any("vae_" in note for note in second.assumptions if "corrected by" in note)
+
+
+def _measured_vae_model(tiny_model):
+    import torch
+
+    from engine.estimate.timing import AETimeModel
+
+    return AETimeModel.cached(tiny_model.first_stage_model, device="cpu", dtype=torch.float32)
+
+
+def test_the_first_calibrating_run_on_a_device_times_its_vae_once(tiny_model, cpu, monkeypatch, caplog):
+    """One run's VAE call shows one ratio at one size, and the VAE's speed per FLOP changes with
+    size: so the first calibrating run times the VAE at many sizes (as `engine probe --calibrate`
+    does), and the plans after it time the VAE stages by that measured model."""
+    import logging
+
+    monkeypatch.setenv("ENGINE_VAE_TIMING_S", "1")
+    spec, opts = load_spec("tiny"), GenerateOptions(image=str(EXAMPLE_IMAGE))
+    first = make_plan(spec, 64, 64, 4, cpu, steps=2)
+    assert not any(s.time_is == "measured" for s in first.stages) and _measured_vae_model(tiny_model) is None
+    with caplog.at_level(logging.INFO, logger="engine.pipeline.calibration_calls"):
+        assert generate(tiny_model, opts, first, progress=False).video is not None
+        measured = _measured_vae_model(tiny_model)
+        assert measured is not None and measured.source == "measured"
+        assert len(measured.meta["ladders"]["decode"]) >= 2  # sizes, not one call
+        second = make_plan(spec, 64, 96, 4, cpu, steps=2)  # this process's plans see it at once
+        assert {s.name for s in second.stages if s.time_is == "measured"} == {"vae_encode", "vae_decode"}
+        assert "VAE times calibrated on this device" in second.assumptions
+        generate(tiny_model, opts, second, progress=False)
+    assert sum("timing the VAE" in r.getMessage() for r in caplog.records) == 1  # the second run did not
+    assert _measured_vae_model(tiny_model) == measured
+
+
+@pytest.mark.parametrize("how", ["calibrate=False", "ENGINE_VAE_TIMING_S=0", "cfg_img"])
+def test_runs_that_do_not_calibrate_time_no_vae(tiny_model, cpu, monkeypatch, how):
+    monkeypatch.setenv("ENGINE_VAE_TIMING_S", "0" if how.startswith("ENGINE") else "1")
+    plan = make_plan(load_spec("tiny"), 64, 64, 4, cpu, steps=2)
+    opts = GenerateOptions(image=str(EXAMPLE_IMAGE), cfg_img=1.5 if how == "cfg_img" else None)
+    generate(tiny_model, opts, plan, progress=False, calibrate=how != "calibrate=False")
+    assert _measured_vae_model(tiny_model) is None
+    recorded = CalibrationStore(cpu, plan.workload.config_digest).correction("denoise")
+    assert (recorded is not None) == how.startswith("ENGINE")  # the run's own ratios are kept apart
+
+
+def test_vae_timing_under_a_memory_budget_never_costs_the_video(tiny_model, cpu, monkeypatch, caplog):
+    """It runs within the run's budget (the CPU tracker counts its real tensors, not the fake ones
+    of its shape traces); running out of memory there ends the timing, not the run."""
+    from engine.runtime.budget import MemoryBudget
+
+    monkeypatch.setenv("ENGINE_VAE_TIMING_S", "1")
+    spec, opts = load_spec("tiny"), GenerateOptions(image=str(EXAMPLE_IMAGE))
+    unconstrained = generate(tiny_model, opts, make_plan(spec, 64, 64, 4, cpu, steps=2), progress=False,
+                             calibrate=False)
+    budget = MemoryBudget(None, "cpu")
+    budget.inject("vae_timing")
+    with warnings.catch_warnings(record=True) as seen:  # torch warns once a process: both runs inside
+        warnings.simplefilter("always")
+        result = generate(tiny_model, opts, make_plan(spec, 64, 64, 4, cpu, steps=2), progress=False,
+                          max_memory=budget)
+        assert result.video is not None and (result.video - unconstrained.video).abs().max() == 0
+        assert _measured_vae_model(tiny_model) is None and "timing the VAE failed" in caplog.text
+        generate(tiny_model, opts, make_plan(spec, 64, 64, 4, cpu, steps=2), progress=False, max_memory="4GiB")
+    assert _measured_vae_model(tiny_model) is not None
+    assert not [w for w in seen if "FakeTensor" in str(w.message)]  # the tracker leaves fake tensors be
+
+
+def test_a_bad_vae_timing_budget_is_refused_before_the_run(tiny_model, cpu, monkeypatch):
+    from engine.errors import InvalidArgument
+
+    monkeypatch.setenv("ENGINE_VAE_TIMING_S", "soon")
+    with pytest.raises(InvalidArgument, match="ENGINE_VAE_TIMING_S.*not 'soon'"):
+        generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)),
+                 make_plan(load_spec("tiny"), 64, 64, 4, cpu, steps=2), progress=False)
 
 
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):

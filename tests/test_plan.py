@@ -141,7 +141,7 @@ def test_cli_inspect_json_counts_without_weights():
                       "image_encoder": 683_800_065, "image_proj": 48_787_456}
 
 
-def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypatch):
+def test_plans_use_a_vae_calibration_measured_on_this_device(private_fit_cache):
     import torch
 
     from engine.device import probe_device
@@ -149,17 +149,7 @@ def test_plans_use_a_vae_calibration_measured_on_this_device(tmp_path, monkeypat
     from engine.models.autoencoder import AutoencoderKL
     from engine.planner.estimators import Estimators
 
-    import shutil
-
-    from engine.estimate.laws.cache import FitCache, default_cache_dir
-    from engine.estimate.timing.model import _cache_key, device_name
-
-    # this session's fits (no refitting), without a VAE time model of this device for the tiny VAE
-    if (default_cache_dir() / "fits").is_dir():
-        shutil.copytree(default_cache_dir() / "fits", tmp_path / "fits")
-    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
     spec = load_spec("tiny")
-    FitCache().path(_cache_key(AutoencoderKL(spec.vae), device_name("cpu"), torch.float32)).unlink(missing_ok=True)
     cpu = probe_device()
     before = make_plan(spec, 128, 128, 16, cpu, estimators=Estimators(spec, cpu))
     assert not any("calibrated" in a for a in before.assumptions)

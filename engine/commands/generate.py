@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--save-latents", help="also save the denoised latents and sampler state to this file")
     p.add_argument("--resume", help="finish a run saved by an interrupted run or --save-latents")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="record nothing for later plans (and skip timing the VAE on a device's first run)")
 
 
 def _options(args, is_demo: bool):
@@ -100,11 +102,15 @@ def plan_names(device: str, capped: bool) -> dict:
 
 def _check_run_inputs(args) -> int | None:
     """Everything a run needs that is cheap to check, before the config, planning or the model:
-    outputs, ``--device``, ``--max-memory``, ``--reserve``, ``--ckpt`` and ``--resume`` paths."""
+    outputs, ``--device``, ``--max-memory``, ``--reserve``, ``--ckpt`` and ``--resume`` paths, and
+    ``$ENGINE_VAE_TIMING_S``."""
     from ..device.spec import parse_size
+    from ..pipeline.calibration_calls import vae_timing_budget_s
     from ..pipeline.options import run_device
 
     _check_outputs(args)
+    if args.calibrate:
+        vae_timing_budget_s()
     args.device = run_device(args.device, "--device")
     max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
     if max_memory is not None and max_memory <= 0:
@@ -218,7 +224,7 @@ def _generate_and_write(args, pipe, opts, plan, state, max_memory) -> int:
         out = pipe(opts.image, opts.prompt, image2=opts.image2, mode=opts.mode, height=opts.height,
                    width=opts.width, frames=opts.frames, steps=opts.steps, seed=opts.seed, cfg=opts.cfg,
                    cfg_img=opts.cfg_img, fs=opts.fs, eta=opts.eta, fps=opts.fps, plan=plan,
-                   max_memory=max_memory, resume=state, progress=not args.quiet)
+                   max_memory=max_memory, resume=state, progress=not args.quiet, calibrate=args.calibrate)
     except (Interrupted, OutOfMemory) as stop:
         why = str(stop).replace("`max_memory`", "`--max-memory`").rstrip(".")  # the CLI's flag
         if getattr(stop, "state", None) is None or stop.state.latents.numel() == 0:

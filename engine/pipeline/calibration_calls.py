@@ -9,9 +9,13 @@ the run's time beyond it, scaled to a larger size, over-predicts there.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .conditioning import guided, unet_call
+
+log = logging.getLogger(__name__)
 
 
 def time_minimal_calls(model, run, opts, conds, x: torch.Tensor, frames: torch.Tensor, flat: torch.Tensor) -> None:
@@ -30,3 +34,68 @@ def time_minimal_calls(model, run, opts, conds, x: torch.Tensor, frames: torch.T
     decode_k = settings.ae_decode.frames_per_call(flat.shape[0])
     run.time_minimal_call("vae_encode", lambda: vae.encode(frames[:encode_k, :, :pixels, :pixels]))
     run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:decode_k, :, :side, :side]))
+
+
+# Of the first calibrating run on a device, for timing its VAE: on this project's 2-core CPU the
+# tiny VAE's ladder climbs to 1024 latent pixels a call in 4 s and 4096 in 8 s (``engine probe
+# --calibrate`` spends 20 s); a card climbs the whole ladder in less.
+VAE_TIMING_BUDGET_S = 6.0
+VAE_TIMING_ENV = "ENGINE_VAE_TIMING_S"
+
+
+def vae_timing_budget_s() -> float:
+    """Seconds the first calibrating run on a device spends timing its VAE: ``$ENGINE_VAE_TIMING_S``
+    if set (0 turns it off), else :data:`VAE_TIMING_BUDGET_S`. Read before the run starts, so a bad
+    value is refused before any work."""
+    import math
+    import os
+
+    from ..errors import InvalidArgument
+
+    text = os.environ.get(VAE_TIMING_ENV, "").strip()
+    if not text:
+        return VAE_TIMING_BUDGET_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgument(f"`{VAE_TIMING_ENV}` must be a number of seconds (0 turns the VAE timing "
+                              f"off), not {text!r}; set it so or unset it.")
+    return seconds
+
+
+def measure_vae_speed(model, run, budget_s: float) -> bool:
+    """The first calibrating run on a device times its VAE at many sizes, as ``engine probe
+    --calibrate`` does (:meth:`~engine.estimate.timing.AETimeModel.calibrate`, cached), unless a
+    measured model is already there. One run's correction cannot do this: one size shows one
+    ratio, and the VAE's speed per FLOP changes with size. Within the run's memory budget; out of
+    memory or Ctrl-C only ends the measurement (the video is done). Returns whether it measured."""
+    from ..estimate.timing import AETimeModel
+    from ..plan.settings import Precision
+    from ..planner.estimators import forget_vae_time_models, weight_dtype
+
+    vae, precision = model.first_stage_model, run.settings.precision
+    dtype = next(vae.parameters()).dtype
+    # only a model the planner will look up: autocast's VAE times are looked up under fp32 (which
+    # they are not), and bf16's under fp16
+    if precision is Precision.FP32_AUTOCAST or dtype != weight_dtype(precision.value):
+        return False
+    if budget_s <= 0 or AETimeModel.cached(vae, device=run.device, dtype=dtype) is not None:
+        return False
+    run.budget.at("vae_timing")  # outside every stage, and apart from the minimal calls' faults
+    log.info("timing the VAE on %s once for the next plans (~%.0f s)", run.device, budget_s)
+    try:
+        with run.placed("vae_decode"), torch.no_grad():
+            AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s)
+    except torch.OutOfMemoryError:
+        log.info("no room left to time the VAE; `engine probe --calibrate CONFIG` does it with the card free")
+        return False
+    except KeyboardInterrupt:
+        log.warning("VAE timing interrupted; the video is kept and the next run times it again")
+        return False
+    except Exception as err:  # noqa: BLE001 - an optional measurement must not cost the finished video
+        log.warning("timing the VAE failed (%s); the video is kept, plans keep the VAE's FLOP estimate", err)
+        return False
+    forget_vae_time_models()
+    return True

@@ -23,7 +23,7 @@ from ..runtime.executor import StageRecord, attached
 from ..runtime.recovery import Adjustment, OutOfMemory
 from ..sampling.ddim import sample_ddim
 from ..sampling.schedule import ddim_timesteps
-from .calibration_calls import time_minimal_calls
+from .calibration_calls import measure_vae_speed, time_minimal_calls, vae_timing_budget_s
 from .conditioning import (assemble_conditions, concat_latents, guided, image_conditions, text_conditions,
                            unet_call)
 from .image_io import prepare_image
@@ -88,7 +88,7 @@ def _run_settings(model, opts, plan, settings, device) -> tuple[GenerateOptions,
 def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings: Settings | None = None,
              device=None, max_memory: int | str | MemoryBudget | None = None,
              callback_on_step_end=None, resume: RunState | None = None,
-             progress: bool = True) -> GenerateResult:
+             progress: bool = True, calibrate: bool = True) -> GenerateResult:
     """Run one image-to-video generation with ``model`` (a loaded LatentVisualDiffusion).
 
     A stage that runs out of memory is re-planned one rung down its ladder
@@ -112,6 +112,9 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
         resume: a saved :class:`RunState` to finish (its options and settings are used; the
             model must have the config it was made with).
         progress: show the DDIM progress bar.
+        calibrate: let a whole run from a plan made on a probed device correct that device's next
+            plans (:mod:`engine.planner.calibration`); the first such run on a device also times its
+            VAE once (a few seconds, cached). False: the run measures nothing for later.
 
     Raises:
         Interrupted: Ctrl-C or SIGTERM stopped the run; ``.state`` holds the finished steps (save it
@@ -131,10 +134,11 @@ def generate(model, opts: GenerateOptions, plan: Plan | None = None, *, settings
     counts = {"unet_calls": 0, "steps": 0}
     progress_ = _Progress(opts, model.spec, resume, callback_on_step_end)
     predict = stage_predictor(model.spec, plan) if plan is not None else None  # guides re-plans
-    calibrating = _calibrating(plan, opts, resumed=resume is not None)
+    calibrating = calibrate and _calibrating(plan, opts, resumed=resume is not None)
+    vae_timing_s = vae_timing_budget_s() if calibrating else 0.0
     with attached(model, chosen, device, frames=opts.frames, budget=budget, plan=plan, predict=predict) as run:
         try:
-            video = _run_stages(model, opts, run, progress, counts, progress_, calibrating)
+            video = _run_stages(model, opts, run, progress, counts, progress_, calibrating, vae_timing_s)
         except _StopRequested:
             video = None
         except KeyboardInterrupt as err:
@@ -213,7 +217,7 @@ def _recovering(run, name: str, attempt):
 
 
 def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict, saved,
-                calibrating: bool = False) -> torch.Tensor:
+                calibrating: bool = False, vae_timing_s: float = 0.0) -> torch.Tensor:
     spec, device = model.spec, run.device
     generator = torch.Generator("cpu").manual_seed(opts.seed)
     images = _images(opts, device, run.input_dtype)
@@ -245,6 +249,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     if calibrating and not run.adjustments:  # a run that re-planned calibrates nothing
         time_minimal_calls(model, run, opts, conds, saved.x,
                            torch.cat(_frames_to_encode(images, opts, run.settings), dim=0), flat)
+        measure_vae_speed(model, run, vae_timing_s)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()

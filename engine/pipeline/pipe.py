@@ -266,7 +266,7 @@ class Pipeline:
                  cfg_img: float | None = None, fs: int | None = None, eta: float = 1.0, fps: int = 8,
                  plan: Plan | None = None, max_memory: int | str | None = None, force: str | None = None,
                  callback_on_step_end: StepCallback | None = None, resume: RunState | None = None,
-                 progress: bool = True) -> VideoOutput:
+                 progress: bool = True, calibrate: bool = True) -> VideoOutput:
         """Animate ``image`` (a path, PIL image, numpy array or tensor) as ``prompt`` describes.
 
         Args:
@@ -281,6 +281,7 @@ class Pipeline:
             resume: a stopped call's ``state`` to finish (its options are used; a given ``plan``
                 must match them).
             progress: show the DDIM progress bar.
+            calibrate: let the run correct this device's next plans (see :func:`engine.generate`).
         """
         if resume is not None:
             opts = GenerateOptions(**resume.options)
@@ -303,7 +304,8 @@ class Pipeline:
             raise InvalidArgument("`force` shapes a plan this call makes; with `plan` given, pass "
                                   "pipe.plan(..., force=...) as the plan instead.")
         result = generate(self.model, opts, plan, device=self.device, max_memory=max_memory,
-                          callback_on_step_end=callback_on_step_end, resume=resume, progress=progress)
+                          callback_on_step_end=callback_on_step_end, resume=resume, progress=progress,
+                          calibrate=calibrate)
         if result.stopped:
             log.info("stopped by the step callback after %d steps", result.state.steps_done)
         return VideoOutput.from_result(result, self.spec.name)

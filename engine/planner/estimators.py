@@ -50,10 +50,12 @@ def _dtype_name(precision: str) -> str:
     return "float32" if precision in ("fp32", "fp32-autocast") else "float16"
 
 
-def _torch_dtype(precision: str):
+def weight_dtype(precision: str):
+    """The torch dtype the planner sizes (and looks measured VAE times up for) ``precision`` in."""
     import torch  # the cold paths only
 
     return getattr(torch, _dtype_name(precision))
+
 
 
 # The fits a default plan of one architecture asks for on a cold cache: three stage indices, the
@@ -119,6 +121,14 @@ class _Remembering:
 _BUNDLES: dict = {}
 
 
+def forget_vae_time_models() -> None:
+    """Make this process's next plans look the VAE time models up again (a run measured one)."""
+    for bundle in _BUNDLES.values():
+        bundle._vae_time.clear()
+        bundle._ae_choices.clear()
+    Estimators._ae_models.cache_clear()
+
+
 class Estimators:
     """Stage, VAE-memory and VAE-time models for one spec on one device."""
 
@@ -162,7 +172,7 @@ class Estimators:
             from ..runtime.offload_units import offload_units
 
             with self._progress(f"UNet offload blocks ({dtype})"):
-                blocks = offload_units(self._meta_model(), "block", _torch_dtype(precision))
+                blocks = offload_units(self._meta_model(), "block", weight_dtype(precision))
                 units = [b for _, b in blocks]
             self._cache.put_fit(key, block_units=units)
         units = [b for b in units if b > 0]
@@ -241,7 +251,7 @@ class Estimators:
             # (see :mod:`engine.planner.fit_ahead`)
             with self._progress(f"VAE encode and decode laws ({dtype})"):
                 self._vae_memory[dtype] = VAEMemoryModel.for_vae(
-                    self._meta_vae(), device_type=self.device_type, dtype=_torch_dtype(precision),
+                    self._meta_vae(), device_type=self.device_type, dtype=weight_dtype(precision),
                     cache=self._cache, index_key=index)
         return self._vae_memory[dtype]
 
@@ -260,7 +270,7 @@ class Estimators:
             # a calibration measured on this very device (`engine probe --calibrate`), if any
             where = "cpu" if self.device.kind == "cpu" else "cuda"
             try:
-                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=_torch_dtype(precision))
+                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=weight_dtype(precision))
             except (RuntimeError, AssertionError):  # the device is not reachable from this process
                 found = None
             if found is not None:
@@ -340,12 +350,14 @@ class Estimators:
                          "carried between stages when the cache is not emptied (upper bound)")
             if not vae_measured:
                 notes.append(f"VAE calls: {ASSUMED_PER_CALL_S * 1e3:.0f} ms launch overhead each assumed "
-                             "(time the VAE with `engine probe --calibrate CONFIG` on the card)")
+                             "(the first run planned on the probed card times the VAE, as does "
+                             "`engine probe --calibrate CONFIG`)")
             if self.device.source != "probe":
                 notes.append("times are a roofline over the catalogue's datasheet throughput "
                              "(uncalibrated for this card)")
         elif self.device.source == "probe" and not vae_measured:
-            notes.append(f"VAE times are FLOPs at the probed matmul rate: `engine probe --calibrate "
-                         f"{self.spec.name}` measures the VAE's speed at many sizes on this CPU (once, ~20 s), "
-                         "which one run's correction cannot (its speed per FLOP changes with size)")
+            notes.append("VAE times are FLOPs at the probed matmul rate until the first run planned here "
+                         "times the VAE at many sizes (once, a few seconds; `engine probe --calibrate "
+                         f"{self.spec.name}` spends ~20 s), which one run's correction cannot (its speed "
+                         "per FLOP changes with size)")
         return notes

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -139,6 +140,12 @@ class MemoryBudget:
             torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
 
+def _holds_cpu_bytes(t) -> bool:
+    """A real CPU tensor (a fake one, e.g. of a shape trace made under the budget, says "cpu" and
+    holds nothing)."""
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and not isinstance(t, FakeTensor)
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live storages created under it; refuses allocations past the cap."""
 
@@ -154,10 +161,10 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = None
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t not in self._seen:
+            if _holds_cpu_bytes(t) and t not in self._seen:
                 if inputs is None:
                     inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                              if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
+                              if _holds_cpu_bytes(a)}
                 self._track(t, inputs)
         return out
 

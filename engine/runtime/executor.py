@@ -140,7 +140,7 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.budget.at(name, reset_peak=True)
         start = time.perf_counter()
-        with self._placed(name):
+        with self.placed(name):
             resident = self._resident()
             yield self
         if cuda:
@@ -150,7 +150,7 @@ class Run:
         self.records.append(StageRecord(name, resident, time.perf_counter() - start, peak))
 
     @contextlib.contextmanager
-    def _placed(self, name: str):
+    def placed(self, name: str):
         """Stage ``name``'s components resident and the plan's precision regime."""
         with contextlib.ExitStack() as stack:
             if self.offload is not None:
@@ -171,7 +171,7 @@ class Run:
         cuda = self.device.type == "cuda"
         self.budget.at("calibration")  # outside every stage: no fault or measurement of theirs
         try:
-            with self._placed(name), torch.no_grad():
+            with self.placed(name), torch.no_grad():
                 call()
                 times = []
                 for _ in range(_MINIMAL_CALL_REPEATS):
