@@ -40,15 +40,11 @@ def test_a_run_calibrates_the_next_plan_on_its_device(tiny_model, cpu):
     measured = {r.name: r for r in result.stages}
     # the UNet and the VAE were timed once more at their smallest input: their fixed cost per call
     assert {r.name for r in result.stages if r.call_s} == {"denoise", "vae_encode", "vae_decode"}
-    # the encoders (the same input at every size) were run again: the median of their runs
-    encoders = {"text_encode", "image_encode"}
-    assert {r.name for r in result.stages if r.typical_s} == encoders
     for s in first.stages:  # the ratio of this run, for every stage, beyond its calls' fixed cost
         c, rec = store.correction(s.name), measured[s.name]
         assert c.runs == 1 and c.call_s == (rec.call_s or 0.0)
-        seconds = rec.typical_s if s.name in encoders else rec.time_s
         fixed = s.calls * c.call_s if c.call_s else s.fixed_s  # the time model's own where unmeasured
-        assert c.time == pytest.approx(max(seconds - fixed, 0.05 * seconds) / (s.time_s - s.fixed_s))
+        assert c.time == pytest.approx(max(rec.time_s - fixed, 0.05 * rec.time_s) / (s.time_s - s.fixed_s))
         assert c.memory == 1.0  # the CPU measures no peak: memory untouched
     assert first.stage("denoise").calls == 2 * (1 if first.settings.cfg == "batched" else 2)  # 2 steps
     second = make_plan(spec, 64, 96, 4, cpu, steps=2, calibrate=True)
@@ -112,26 +108,6 @@ def test_a_timed_step_of_several_calls_keeps_the_cost_of_one(monkeypatch):
                        records=[executor.StageRecord("denoise", (), 1.0)])
     run.time_minimal_call("denoise", lambda: None, calls=3)
     assert run.records[0].call_s == pytest.approx(1 / 3)
-
-
-@pytest.mark.parametrize("own_s,budget_s,typical_s", [(9.0, 10.0, 1.0), (0.5, 2.5, 1.0), (9.0, 0.5, 5.0)])
-def test_a_short_stage_run_again_keeps_the_median_with_its_own_time(monkeypatch, own_s, budget_s, typical_s):
-    """Each call reads one second on this clock: five calls (fewer once the budget is spent), and
-    the median of them and the stage's own time; its own time is left as it was."""
-    import itertools
-
-    import torch
-
-    from engine.plan.settings import Settings
-    from engine.runtime import executor
-    from engine.runtime.budget import MemoryBudget
-
-    clock = itertools.count()
-    monkeypatch.setattr(executor.time, "perf_counter", lambda: float(next(clock)))
-    run = executor.Run(None, Settings(), torch.device("cpu"), MemoryBudget(None, "cpu"),
-                       records=[executor.StageRecord("text_encode", (), own_s)])
-    run.time_stage_again("text_encode", lambda: None, budget_s=budget_s)
-    assert run.records[0].typical_s == typical_s and run.records[0].time_s == own_s
 
 
 def test_a_measured_per_call_cost_replaces_the_time_models_own(tmp_path):

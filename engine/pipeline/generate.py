@@ -223,14 +223,9 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     images = _images(opts, device, run.input_dtype)
     use_cfg, multi = opts.cfg != 1.0, opts.cfg != 1.0 and opts.cfg_img is not None
 
-    def encode_text():
-        return text_conditions(model, opts.prompt, images[0].shape[0], use_cfg, device)
-
-    def encode_image():
-        return image_conditions(model, images[0], use_cfg)
-
-    text, empty = _recovering(run, "text_encode", encode_text)
-    img, zero_img = _recovering(run, "image_encode", encode_image)
+    text, empty = _recovering(run, "text_encode", lambda: text_conditions(
+        model, opts.prompt, images[0].shape[0], use_cfg, device))
+    img, zero_img = _recovering(run, "image_encode", lambda: image_conditions(model, images[0], use_cfg))
     before_encode, encoded = generator.get_state(), []  # ``encoded``: moments of finished groups
 
     def encode():
@@ -254,8 +249,6 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     if calibrating and not run.adjustments:  # a run that re-planned calibrates nothing
         time_minimal_calls(model, run, opts, conds, saved.x,
                            torch.cat(_frames_to_encode(images, opts, run.settings), dim=0), flat)
-        for name, stage_call in (("text_encode", encode_text), ("image_encode", encode_image)):
-            run.time_stage_again(name, stage_call)  # their input is the same at every size
         measure_vae_speed(model, run, vae_timing_s)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first

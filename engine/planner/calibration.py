@@ -153,9 +153,7 @@ class CalibrationStore:
         for rec in records:
             predicted = plan.stage(rec.name)
             base = _uncorrected(predicted)
-            # a short stage run again measures its time better than its one run (see Run.time_stage_again)
-            seconds = getattr(rec, "typical_s", None) or rec.time_s
-            if base["time_s"] <= 0 or seconds <= 0:
+            if base["time_s"] <= 0 or rec.time_s <= 0:
                 continue
             old = self.stages.get(rec.name, Correction())
             weight = 1.0 if old.runs == 0 else _SMOOTHING
@@ -164,7 +162,7 @@ class CalibrationStore:
             call_s = old.call_s if not measured_call else _blend_linear(old.call_s, measured_call, weight)
             # what the run spent beyond its calls' fixed cost is the part the time model scales
             fixed = predicted.calls * call_s if call_s else predicted.fixed_s
-            scaled = max(seconds - fixed, _MIN_SCALED * seconds)
+            scaled = max(rec.time_s - fixed, _MIN_SCALED * rec.time_s)
             time_ratio = scaled / base["time_s"]
             memory_ratio = (rec.peak_bytes / base["allocated_bytes"]
                             if rec.peak_bytes and base["allocated_bytes"] else old.memory)

@@ -37,7 +37,6 @@ from .residency import Kept, TensorRecord, model_state, place
 log = logging.getLogger(__name__)
 
 _MINIMAL_CALL_REPEATS = 5
-_AGAIN_BUDGET_S = 1.0  # of re-running a short stage for calibration (a long one is timed well once)
 # DynamiCrafter never freezes these: autocast then caches fp16 copies of their weights
 _GRAD_COMPONENTS = ("unet", "image_proj")
 
@@ -51,11 +50,10 @@ class StageRecord:
     time_s: float
     peak_bytes: int | None = None  # the allocator's peak on CUDA; None where the device gives none
     call_s: float | None = None  # a minimal call of the stage's model: its fixed cost per call
-    typical_s: float | None = None  # the median of this time and the stage run again (calibration)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "resident": list(self.resident), "time_s": self.time_s,
-                "peak_bytes": self.peak_bytes, "call_s": self.call_s, "typical_s": self.typical_s}
+                "peak_bytes": self.peak_bytes, "call_s": self.call_s}
 
 
 @dataclass
@@ -170,47 +168,23 @@ class Run:
         fixed cost it is compared with is a typical call, not the luckiest one. Outside the
         stage's time; a failure only leaves ``call_s`` unmeasured.
         """
-        times = self._timed_calls(name, call, warmup=True, budget_s=None)
-        if times:
-            self._amend_record(name, call_s=statistics.median(times) / calls)
-
-    def time_stage_again(self, name: str, call, budget_s: float = _AGAIN_BUDGET_S) -> None:
-        """Run stage ``name`` again as ``call`` (a stage whose input is the same at every run size,
-        such as an encoder's) up to five times within about ``budget_s`` and keep the median of
-        these and the stage's own time as ``typical_s``: calibration's measure of a stage short
-        enough for one disturbance to double it. Its own time stays what it was."""
-        times = self._timed_calls(name, call, warmup=False, budget_s=budget_s)
-        if times:
-            i = self._record_index(name)
-            self._amend_record(name, typical_s=statistics.median(times + [self.records[i].time_s]))
-
-    def _timed_calls(self, name: str, call, *, warmup: bool, budget_s: float | None) -> list[float]:
-        """Seconds of up to five calls of ``call`` with stage ``name``'s components placed (after an
-        untimed one when ``warmup``; fewer once ``budget_s`` is spent); [] when memory ran out."""
         cuda = self.device.type == "cuda"
         self.budget.at("calibration")  # outside every stage: no fault or measurement of theirs
-        times: list[float] = []
         try:
             with self.placed(name), torch.no_grad():
-                if warmup:
-                    call()
-                while len(times) < _MINIMAL_CALL_REPEATS and (budget_s is None or sum(times) < budget_s):
+                call()
+                times = []
+                for _ in range(_MINIMAL_CALL_REPEATS):
                     start = time.perf_counter()
                     call()
                     if cuda:
                         torch.cuda.synchronize(self.device)
                     times.append(time.perf_counter() - start)
         except torch.OutOfMemoryError:
-            log.info("no room to time %s's calls again; calibration goes without them", name)
-            return []
-        return times
-
-    def _record_index(self, name: str) -> int:
-        return max(i for i, r in enumerate(self.records) if r.name == name)
-
-    def _amend_record(self, name: str, **values) -> None:
-        i = self._record_index(name)
-        self.records[i] = replace(self.records[i], **values)
+            log.info("no room for the minimal %s call; its fixed cost stays unmeasured", name)
+            return
+        i = max(i for i, r in enumerate(self.records) if r.name == name)
+        self.records[i] = replace(self.records[i], call_s=statistics.median(times) / calls)
 
     def _resident(self) -> tuple[str, ...]:
         if self.offload is None:
