@@ -270,3 +270,11 @@ def test_batch_checks_ckpt_before_planning(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("engine.planner.search.make_plan", lambda *a, **k: pytest.fail("planned first"))
     msg = _error(capsys, ["batch", str(jobs), "--out", str(tmp_path / "out"), "--ckpt", str(tmp_path)])
     assert msg.startswith(f"`--ckpt` {str(tmp_path)!r} is a directory")
+
+
+def test_a_bad_vae_timing_budget_is_refused_before_the_config_unless_nothing_is_calibrated(
+        capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_VAE_TIMING_S", "-3")
+    argv = ["generate", "--config", "no-such-config", "--out", str(tmp_path / "x.mp4")]
+    assert "`ENGINE_VAE_TIMING_S` must be a number of seconds" in _error(capsys, argv)
+    assert "no-such-config" in _error(capsys, argv + ["--no-calibrate"])  # unread: the config's error

@@ -73,13 +73,13 @@ def measure_vae_speed(model, run, budget_s: float) -> bool:
     memory or Ctrl-C only ends the measurement (the video is done). Returns whether it measured."""
     from ..estimate.timing import AETimeModel
     from ..plan.settings import Precision
-    from ..planner.estimators import forget_vae_time_models, weight_dtype
+    from ..planner.estimators import forget_vae_time_models, sized_dtype
 
     vae, precision = model.first_stage_model, run.settings.precision
     dtype = next(vae.parameters()).dtype
     # only a model the planner will look up: autocast's VAE times are looked up under fp32 (which
     # they are not), and bf16's under fp16
-    if precision is Precision.FP32_AUTOCAST or dtype != weight_dtype(precision.value):
+    if precision is Precision.FP32_AUTOCAST or dtype != sized_dtype(precision.value):
         return False
     if budget_s <= 0 or AETimeModel.cached(vae, device=run.device, dtype=dtype) is not None:
         return False

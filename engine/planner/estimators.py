@@ -50,12 +50,13 @@ def _dtype_name(precision: str) -> str:
     return "float32" if precision in ("fp32", "fp32-autocast") else "float16"
 
 
-def weight_dtype(precision: str):
-    """The torch dtype the planner sizes (and looks measured VAE times up for) ``precision`` in."""
+def sized_dtype(precision: str):
+    """The torch dtype the planner sizes ``precision`` in, and looks its measured VAE times up
+    under (bf16 as fp16: the same bytes; :func:`engine.runtime.precision.weight_dtype` is what
+    the run stores)."""
     import torch  # the cold paths only
 
     return getattr(torch, _dtype_name(precision))
-
 
 
 # The fits a default plan of one architecture asks for on a cold cache: three stage indices, the
@@ -172,7 +173,7 @@ class Estimators:
             from ..runtime.offload_units import offload_units
 
             with self._progress(f"UNet offload blocks ({dtype})"):
-                blocks = offload_units(self._meta_model(), "block", weight_dtype(precision))
+                blocks = offload_units(self._meta_model(), "block", sized_dtype(precision))
                 units = [b for _, b in blocks]
             self._cache.put_fit(key, block_units=units)
         units = [b for b in units if b > 0]
@@ -251,7 +252,7 @@ class Estimators:
             # (see :mod:`engine.planner.fit_ahead`)
             with self._progress(f"VAE encode and decode laws ({dtype})"):
                 self._vae_memory[dtype] = VAEMemoryModel.for_vae(
-                    self._meta_vae(), device_type=self.device_type, dtype=weight_dtype(precision),
+                    self._meta_vae(), device_type=self.device_type, dtype=sized_dtype(precision),
                     cache=self._cache, index_key=index)
         return self._vae_memory[dtype]
 
@@ -270,7 +271,7 @@ class Estimators:
             # a calibration measured on this very device (`engine probe --calibrate`), if any
             where = "cpu" if self.device.kind == "cpu" else "cuda"
             try:
-                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=weight_dtype(precision))
+                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=sized_dtype(precision))
             except (RuntimeError, AssertionError):  # the device is not reachable from this process
                 found = None
             if found is not None:
@@ -349,9 +350,10 @@ class Estimators:
             notes.append("allocator: per-stage reserved = allocated + segment rounding; cached blocks "
                          "carried between stages when the cache is not emptied (upper bound)")
             if not vae_measured:
-                notes.append(f"VAE calls: {ASSUMED_PER_CALL_S * 1e3:.0f} ms launch overhead each assumed "
-                             "(the first run planned on the probed card times the VAE, as does "
-                             "`engine probe --calibrate CONFIG`)")
+                how = ("the first run planned here times the VAE, as does `engine probe --calibrate CONFIG`"
+                       if self.device.source == "probe" else "time the VAE with `engine probe --calibrate "
+                       "CONFIG` on the card and plan for the probed card")
+                notes.append(f"VAE calls: {ASSUMED_PER_CALL_S * 1e3:.0f} ms launch overhead each assumed ({how})")
             if self.device.source != "probe":
                 notes.append("times are a roofline over the catalogue's datasheet throughput "
                              "(uncalibrated for this card)")
