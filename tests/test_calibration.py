@@ -295,10 +295,47 @@ def test_vae_timing_under_a_memory_budget_never_costs_the_video(tiny_model, cpu,
 def test_a_bad_vae_timing_budget_is_refused_before_the_run(tiny_model, cpu, monkeypatch):
     from engine.errors import InvalidArgument
 
+    def too_late(*args, **kwargs):
+        raise AssertionError("the run started before the bad value was found")
+
+    monkeypatch.setattr("engine.pipeline.generate._run_stages", too_late)
     monkeypatch.setenv("ENGINE_VAE_TIMING_S", "soon")
     with pytest.raises(InvalidArgument, match="ENGINE_VAE_TIMING_S.*not 'soon'"):
         generate(tiny_model, GenerateOptions(image=str(EXAMPLE_IMAGE)),
                  make_plan(load_spec("tiny"), 64, 64, 4, cpu, steps=2), progress=False)
+
+
+def test_the_vae_timed_in_fp16_is_the_model_the_planner_looks_up():
+    """The planner hashes its fp32 meta-device VAE; a card's run (or the probe) times the fp16 one:
+    both name the same model. An fp32 VAE's key is what it was before dtypes were hashed so."""
+    import torch
+
+    from engine.estimate.laws.cache import architecture_hash
+    from engine.estimate.timing.model import _cache_key
+    from engine.models.autoencoder import AutoencoderKL
+    from engine.planner.estimators import timed_dtype
+
+    spec = load_spec("tiny")
+    with torch.device("meta"):
+        planned = AutoencoderKL(spec.vae)
+    run_vae = AutoencoderKL(spec.vae).half()
+    assert _cache_key(run_vae, "NVIDIA H200", torch.float16) == _cache_key(planned, "NVIDIA H200", torch.float16)
+    assert _cache_key(planned, "cpu", torch.float32) != _cache_key(planned, "cpu", torch.float16)
+    assert architecture_hash(planned, "x", as_dtype=torch.float32) == architecture_hash(planned, "x")
+    assert [timed_dtype(p, "cuda") for p in ("fp32", "fp32-autocast", "fp16", "bf16")] == [
+        torch.float32, torch.float16, torch.float16, torch.bfloat16]
+    assert timed_dtype("fp32-autocast", "cpu") == torch.float32  # the CPU runs autocast in fp32
+
+
+@pytest.mark.parametrize("budget,peak,top", [(100, 10, 4000), (100, 50, 2000), (100, 100, 1000), (100, 0, 4000)])
+def test_the_vae_timing_climbs_past_the_run_within_the_plans_budget(budget, peak, top):
+    from types import SimpleNamespace
+
+    from engine.pipeline.calibration_calls import ladder_top
+
+    plan = SimpleNamespace(budget_bytes=budget, stage=lambda name: SimpleNamespace(peak_bytes=peak))
+    assert ladder_top(SimpleNamespace(plan=plan), 1000) == top
+    assert ladder_top(SimpleNamespace(plan=None), 1000) == 4000
 
 
 def test_catalogued_cards_are_never_corrected(tiny_model, cpu):

@@ -27,6 +27,9 @@ def run(args) -> int:
 
     from ..batch.jobs import InvalidJobs
     from ..batch.runner import BatchConfig, run_batch
+    from ..pipeline.calibration_calls import vae_timing_budget_s
+
+    vae_timing_budget_s()  # refused before any job, not by each
 
     cfg = BatchConfig(jobs=Path(args.jobs), out=Path(args.out), config=args.config, ckpt=args.ckpt,
                       device=args.device, force=args.force, reserve=args.reserve, quiet=args.quiet,

@@ -10,8 +10,12 @@ the run's time beyond it, scaled to a larger size, over-predicts there.
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import torch
+
+from ..errors import InvalidArgument
 
 from .conditioning import guided, unet_call
 
@@ -47,11 +51,6 @@ def vae_timing_budget_s() -> float:
     """Seconds the first calibrating run on a device spends timing its VAE: ``$ENGINE_VAE_TIMING_S``
     if set (0 turns it off), else :data:`VAE_TIMING_BUDGET_S`. Read before the run starts, so a bad
     value is refused before any work."""
-    import math
-    import os
-
-    from ..errors import InvalidArgument
-
     text = os.environ.get(VAE_TIMING_ENV, "").strip()
     if not text:
         return VAE_TIMING_BUDGET_S
@@ -65,37 +64,52 @@ def vae_timing_budget_s() -> float:
     return seconds
 
 
-def measure_vae_speed(model, run, budget_s: float) -> bool:
+def measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int) -> bool:
     """The first calibrating run on a device times its VAE at many sizes, as ``engine probe
     --calibrate`` does (:meth:`~engine.estimate.timing.AETimeModel.calibrate`, cached), unless a
     measured model is already there. One run's correction cannot do this: one size shows one
-    ratio, and the VAE's speed per FLOP changes with size. Within the run's memory budget; out of
-    memory or Ctrl-C only ends the measurement (the video is done). Returns whether it measured."""
-    from ..estimate.timing import AETimeModel
-    from ..plan.settings import Precision
-    from ..planner.estimators import forget_vae_time_models, sized_dtype
+    ratio, and the VAE's speed per FLOP changes with size. Within the run's memory budget and up to
+    :func:`ladder_top` latent pixels a call (``largest_call_pixels``: the run's largest VAE call).
+    Nothing here can cost the finished video: out of memory, Ctrl-C or any failure only ends the
+    timing. Returns whether it measured."""
+    try:
+        return _measure_vae_speed(model, run, budget_s, largest_call_pixels)
+    except torch.OutOfMemoryError:
+        log.info("no room left to time the VAE; `engine probe --calibrate CONFIG` does it with the card free")
+    except KeyboardInterrupt:
+        log.warning("VAE timing interrupted; the video is kept and the next run times it again")
+    except Exception as err:  # noqa: BLE001 - an optional measurement must not cost the finished video
+        log.warning("timing the VAE failed (%s); the video is kept, plans keep the VAE's FLOP estimate", err)
+    return False
 
-    vae, precision = model.first_stage_model, run.settings.precision
+
+def ladder_top(run, largest_call_pixels: int) -> int:
+    """The largest call the VAE timing makes, in latent pixels: up to 4x the run's largest, so a
+    later, larger run is measured too, and within what the plan's budget left the run's VAE (its
+    decode's predicted peak against the budget; the activations grow with the call, the weights
+    do not, so the bound is conservative)."""
+    scale = 4.0
+    if run.plan is not None:
+        peak = run.plan.stage("vae_decode").peak_bytes
+        scale = min(scale, max(1.0, run.plan.budget_bytes / peak)) if peak else scale
+    return max(1, int(largest_call_pixels * scale))
+
+
+def _measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int) -> bool:
+    from ..estimate.timing import AETimeModel
+    from ..planner.estimators import forget_vae_time_models, timed_dtype
+
+    vae = model.first_stage_model
     dtype = next(vae.parameters()).dtype
-    # only a model the planner will look up: autocast's VAE times are looked up under fp32 (which
-    # they are not), and bf16's under fp16
-    if precision is Precision.FP32_AUTOCAST or dtype != sized_dtype(precision.value):
+    # only a model the planner will look up: an fp32 VAE under autocast on a card computes in fp16
+    if budget_s <= 0 or dtype != timed_dtype(run.settings.precision.value, run.device.type):
         return False
-    if budget_s <= 0 or AETimeModel.cached(vae, device=run.device, dtype=dtype) is not None:
+    if AETimeModel.cached(vae, device=run.device, dtype=dtype) is not None:
         return False
     run.budget.at("vae_timing")  # outside every stage, and apart from the minimal calls' faults
     log.info("timing the VAE on %s once for the next plans (~%.0f s)", run.device, budget_s)
-    try:
-        with run.placed("vae_decode"), torch.no_grad():
-            AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s)
-    except torch.OutOfMemoryError:
-        log.info("no room left to time the VAE; `engine probe --calibrate CONFIG` does it with the card free")
-        return False
-    except KeyboardInterrupt:
-        log.warning("VAE timing interrupted; the video is kept and the next run times it again")
-        return False
-    except Exception as err:  # noqa: BLE001 - an optional measurement must not cost the finished video
-        log.warning("timing the VAE failed (%s); the video is kept, plans keep the VAE's FLOP estimate", err)
-        return False
+    with run.placed("vae_decode"), torch.no_grad():
+        AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s,
+                              max_latent_pixels=ladder_top(run, largest_call_pixels))
     forget_vae_time_models()
     return True

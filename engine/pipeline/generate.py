@@ -247,9 +247,12 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     flat, done = flat_latents(model, latents), []
     video = _recovering(run, "vae_decode", lambda: decode_remaining(model, flat, run, done))
     if calibrating and not run.adjustments:  # a run that re-planned calibrates nothing
-        time_minimal_calls(model, run, opts, conds, saved.x,
-                           torch.cat(_frames_to_encode(images, opts, run.settings), dim=0), flat)
-        measure_vae_speed(model, run, vae_timing_s)
+        encoded_frames = torch.cat(_frames_to_encode(images, opts, run.settings), dim=0)
+        time_minimal_calls(model, run, opts, conds, saved.x, encoded_frames, flat)
+        latent_pixels = flat.shape[-2] * flat.shape[-1]
+        largest_call = latent_pixels * max(run.settings.ae_decode.frames_per_call(flat.shape[0]),
+                                           run.settings.ae_encode.frames_per_call(encoded_frames.shape[0]))
+        measure_vae_speed(model, run, vae_timing_s, largest_call)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()

@@ -50,6 +50,17 @@ def _dtype_name(precision: str) -> str:
     return "float32" if precision in ("fp32", "fp32-autocast") else "float16"
 
 
+def timed_dtype(precision: str, device_kind: str):
+    """The dtype the VAE of ``precision`` computes in on ``device_kind``, which its measured time
+    model is stored under: fp32-autocast runs the convolutions in fp16 on a card and in fp32 on
+    the CPU (``engine.runtime.precision.precision_context``), bf16 in bf16."""
+    import torch
+
+    if precision == "fp32-autocast":
+        return torch.float16 if device_kind == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else sized_dtype(precision)
+
+
 def sized_dtype(precision: str):
     """The torch dtype the planner sizes ``precision`` in, and looks its measured VAE times up
     under (bf16 as fp16: the same bytes; :func:`engine.runtime.precision.weight_dtype` is what
@@ -124,7 +135,7 @@ _BUNDLES: dict = {}
 
 def forget_vae_time_models() -> None:
     """Make this process's next plans look the VAE time models up again (a run measured one)."""
-    for bundle in _BUNDLES.values():
+    for bundle in list(_BUNDLES.values()):  # a copy: another thread may be adding a bundle
         bundle._vae_time.clear()
         bundle._ae_choices.clear()
     Estimators._ae_models.cache_clear()
@@ -267,30 +278,32 @@ class Estimators:
     def _time_model(self, precision: str):
         from ..estimate.timing import AETimeModel
 
-        if precision not in self._vae_time and self.device.source == "probe":
-            # a calibration measured on this very device (`engine probe --calibrate`), if any
+        known = self._vae_time.get(precision)  # read once: a run in another thread may clear the dict
+        if known is not None:
+            return known
+        if self.device.source == "probe":
+            # one measured on this very device (its first calibrating run, `engine probe --calibrate`)
             where = "cpu" if self.device.kind == "cpu" else "cuda"
             try:
-                found = AETimeModel.cached(self._meta_vae(), device=where, dtype=sized_dtype(precision))
+                found = AETimeModel.cached(self._meta_vae(), device=where,
+                                           dtype=timed_dtype(precision, self.device_type))
             except (RuntimeError, AssertionError):  # the device is not reachable from this process
                 found = None
             if found is not None:
-                self._vae_time[precision] = found
                 self._notes.append("VAE times calibrated on this device")
-        if precision not in self._vae_time:
-            # autocast runs the convolutions in fp16: the fp16 rate applies to it too
-            half = precision != "fp32" and self.device.kind == "cuda"
-            rate = (self.device.fp16_flops if half else self.device.fp32_flops) or \
-                self.device.fp16_flops or self.device.fp32_flops
-            if not rate:
-                raise ValueError(f"`device` {self.device.name!r} has no measured or catalogued throughput; "
-                                 "probe it with measurements (engine probe) or plan with --gpu NAME.")
-            self._vae_time[precision] = AETimeModel.from_flops(
-                rate, ASSUMED_PER_CALL_S if self.device.kind == "cuda" else 0.0,
-                flop_terms=self._vae_flop_terms(precision),
-                bandwidth_bytes_per_s=self.device.mem_bandwidth,
-                dtype_bytes=4 if precision in ("fp32", "fp32-autocast") else 2, device=self.device.name)
-        return self._vae_time[precision]
+                return self._vae_time.setdefault(precision, found)
+        # autocast runs the convolutions in fp16: the fp16 rate applies to it too
+        half = precision != "fp32" and self.device.kind == "cuda"
+        rate = (self.device.fp16_flops if half else self.device.fp32_flops) or \
+            self.device.fp16_flops or self.device.fp32_flops
+        if not rate:
+            raise ValueError(f"`device` {self.device.name!r} has no measured or catalogued throughput; "
+                             "probe it with measurements (engine probe) or plan with --gpu NAME.")
+        paper = AETimeModel.from_flops(
+            rate, ASSUMED_PER_CALL_S if self.device.kind == "cuda" else 0.0,
+            flop_terms=self._vae_flop_terms(precision), bandwidth_bytes_per_s=self.device.mem_bandwidth,
+            dtype_bytes=4 if precision in ("fp32", "fp32-autocast") else 2, device=self.device.name)
+        return self._vae_time.setdefault(precision, paper)
 
     def _vae_flop_terms(self, precision: str) -> dict:
         """Per-frame FLOPs as ``a*hw + b*hw^2`` over latent pixels, read off the VAE memory

@@ -100,8 +100,8 @@ def code_digest(*patterns: str) -> str:
     return h.hexdigest()[:16]
 
 
-def architecture_hash(module: nn.Module, mode: str = "", *,
-                      extra: Mapping[str, Any] | None = None) -> str:
+def architecture_hash(module: nn.Module, mode: str = "", *, extra: Mapping[str, Any] | None = None,
+                      as_dtype: Any = None) -> str:
     """A stable hex digest of ``module``'s structure, its weights' shapes and dtypes, and ``mode``.
 
     Module classes and ``extra_repr`` (strides, paddings, group counts, which shapes alone do not
@@ -112,13 +112,16 @@ def architecture_hash(module: nn.Module, mode: str = "", *,
         module: the module whose cost the fit describes.
         mode: the execution mode string, e.g. ``"decode/per_frame/fp16"``.
         extra: any further JSON-serialisable settings the fit depends on.
+        as_dtype: hash floating-point weights as if stored in this dtype (a planner's meta-device
+            module in fp32 then names the same fit as the fp16 module the run measured).
     """
     parts: list[Any] = [SCHEMA_VERSION, mode, dict(extra or {})]
     for name, sub in module.named_modules():
         cls = type(sub)
         parts.append([name, f"{cls.__module__}.{cls.__qualname__}", sub.extra_repr()])
     for kind, named in (("p", module.named_parameters()), ("b", module.named_buffers())):
-        parts += [[kind, name, list(t.shape), str(t.dtype)] for name, t in named]
+        parts += [[kind, name, list(t.shape), str(as_dtype if as_dtype is not None and t.is_floating_point()
+                                                 else t.dtype)] for name, t in named]
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 

@@ -273,8 +273,10 @@ class AETimeModel:
 def _cache_key(vae, device_name: str, dtype) -> str:
     import torch
 
-    return architecture_hash(vae, "ae_time", extra={"device": device_name, "dtype": str(dtype),
-                                                    "torch": torch.__version__})
+    # the weights hashed as stored in ``dtype``: the planner's fp32 meta VAE and the fp16 VAE a
+    # run or `engine probe --calibrate` timed name the same model
+    return architecture_hash(vae, "ae_time", as_dtype=dtype,
+                             extra={"device": device_name, "dtype": str(dtype), "torch": torch.__version__})
 
 
 def _as_mode(mode):
