@@ -236,7 +236,8 @@ def _measured_vae_model(tiny_model):
     return AETimeModel.cached(tiny_model.first_stage_model, device="cpu", dtype=torch.float32)
 
 
-def test_the_first_calibrating_run_on_a_device_times_its_vae_once(tiny_model, cpu, monkeypatch, caplog):
+def test_the_first_calibrating_run_on_a_device_times_its_vae_once(tiny_model, cpu, monkeypatch, caplog,
+                                                                    capsys):
     """One run's VAE call shows one ratio at one size, and the VAE's speed per FLOP changes with
     size: so the first calibrating run times the VAE at many sizes (as `engine probe --calibrate`
     does), and the plans after it time the VAE stages by that measured model."""
@@ -247,7 +248,8 @@ def test_the_first_calibrating_run_on_a_device_times_its_vae_once(tiny_model, cp
     first = make_plan(spec, 64, 64, 4, cpu, steps=2)
     assert not any(s.time_is == "measured" for s in first.stages) and _measured_vae_model(tiny_model) is None
     with caplog.at_level(logging.INFO, logger="engine.pipeline.calibration_calls"):
-        assert generate(tiny_model, opts, first, progress=False).video is not None
+        assert generate(tiny_model, opts, first, progress=True).video is not None
+        assert "timing the VAE on cpu once for later plans" in capsys.readouterr().err  # why it pauses
         measured = _measured_vae_model(tiny_model)
         assert measured is not None and measured.source == "measured"
         assert len(measured.meta["ladders"]["decode"]) >= 2  # sizes, not one call

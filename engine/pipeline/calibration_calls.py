@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -64,16 +65,16 @@ def vae_timing_budget_s() -> float:
     return seconds
 
 
-def measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int) -> bool:
+def measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int, announce: bool = False) -> bool:
     """The first calibrating run on a device times its VAE at many sizes, as ``engine probe
     --calibrate`` does (:meth:`~engine.estimate.timing.AETimeModel.calibrate`, cached), unless a
     measured model is already there. One run's correction cannot do this: one size shows one
     ratio, and the VAE's speed per FLOP changes with size. Within the run's memory budget and up to
     :func:`ladder_top` latent pixels a call (``largest_call_pixels``: the run's largest VAE call).
     Nothing here can cost the finished video: out of memory, Ctrl-C or any failure only ends the
-    timing. Returns whether it measured."""
+    timing. ``announce``: say so on stderr first (with the progress bar). Returns whether it measured."""
     try:
-        return _measure_vae_speed(model, run, budget_s, largest_call_pixels)
+        return _measure_vae_speed(model, run, budget_s, largest_call_pixels, announce)
     except torch.OutOfMemoryError:
         log.info("no room left to time the VAE; `engine probe --calibrate CONFIG` does it with the card free")
     except KeyboardInterrupt:
@@ -95,7 +96,7 @@ def ladder_top(run, largest_call_pixels: int) -> int:
     return max(1, int(largest_call_pixels * scale))
 
 
-def _measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int) -> bool:
+def _measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int, announce: bool) -> bool:
     from ..estimate.timing import AETimeModel
     from ..planner.estimators import forget_vae_time_models, timed_dtype
 
@@ -108,6 +109,9 @@ def _measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int) ->
         return False
     run.budget.at("vae_timing")  # outside every stage, and apart from the minimal calls' faults
     log.info("timing the VAE on %s once for the next plans (~%.0f s)", run.device, budget_s)
+    if announce:  # a pause after the progress bar's end needs a reason
+        print(f"engine: timing the VAE on {run.device} once for later plans (~{budget_s:.0f} s, cached; "
+              "--no-calibrate or calibrate=False skips it)", file=sys.stderr, flush=True)
     with run.placed("vae_decode"), torch.no_grad():
         AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s,
                               max_latent_pixels=ladder_top(run, largest_call_pixels))

@@ -252,7 +252,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
         latent_pixels = flat.shape[-2] * flat.shape[-1]
         largest_call = latent_pixels * max(run.settings.ae_decode.frames_per_call(flat.shape[0]),
                                            run.settings.ae_encode.frames_per_call(encoded_frames.shape[0]))
-        measure_vae_speed(model, run, vae_timing_s, largest_call)
+        measure_vae_speed(model, run, vae_timing_s, largest_call, announce=progress)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()
