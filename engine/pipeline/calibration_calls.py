@@ -35,10 +35,16 @@ def time_minimal_calls(model, run, opts, conds, x: torch.Tensor, frames: torch.T
     x_small, t = x[..., :side, :side], torch.full((x.shape[0],), 1, device=x.device, dtype=torch.long)
     run.time_minimal_call("denoise", lambda: denoiser(x_small, t), calls=denoiser.calls_per_step)
     vae = model.first_stage_model
-    encode_k = settings.ae_encode.frames_per_call(frames.shape[0])
-    decode_k = settings.ae_decode.frames_per_call(flat.shape[0])
+    encode_k, decode_k = _frames_per_vae_call(settings, frames, flat)
     run.time_minimal_call("vae_encode", lambda: vae.encode(frames[:encode_k, :, :pixels, :pixels]))
     run.time_minimal_call("vae_decode", lambda: vae.decode(flat[:decode_k, :, :side, :side]))
+
+
+def _frames_per_vae_call(settings, frames: torch.Tensor, flat: torch.Tensor) -> tuple[int, int]:
+    """Frames in each of the run's encode and decode calls (``frames``: what it encoded; ``flat``:
+    the latents it decoded)."""
+    return (settings.ae_encode.frames_per_call(frames.shape[0]),
+            settings.ae_decode.frames_per_call(flat.shape[0]))
 
 
 # Of the first calibrating run on a device, for timing its VAE: on this project's 2-core CPU the
@@ -65,16 +71,19 @@ def vae_timing_budget_s() -> float:
     return seconds
 
 
-def measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int, announce: bool = False) -> bool:
+def measure_vae_speed(model, run, budget_s: float, frames: torch.Tensor, flat: torch.Tensor,
+                      announce: bool = False) -> bool:
     """The first calibrating run on a device times its VAE at many sizes, as ``engine probe
     --calibrate`` does (:meth:`~engine.estimate.timing.AETimeModel.calibrate`, cached), unless a
     measured model is already there. One run's correction cannot do this: one size shows one
     ratio, and the VAE's speed per FLOP changes with size. Within the run's memory budget and up to
-    :func:`ladder_top` latent pixels a call (``largest_call_pixels``: the run's largest VAE call).
-    Nothing here can cost the finished video: out of memory, Ctrl-C or any failure only ends the
-    timing. ``announce``: say so on stderr first (with the progress bar). Returns whether it measured."""
+    :func:`ladder_top` latent pixels a call, from the run's largest VAE call (``frames``: what it
+    encoded; ``flat``: the latents it decoded). Nothing here can cost the finished video: out of
+    memory, Ctrl-C or any failure only ends the timing. ``announce``: say so on stderr first (with
+    the progress bar). Returns whether it measured."""
     try:
-        return _measure_vae_speed(model, run, budget_s, largest_call_pixels, announce)
+        largest_call = flat.shape[-2] * flat.shape[-1] * max(_frames_per_vae_call(run.settings, frames, flat))
+        return _measure_vae_speed(model, run, budget_s, largest_call, announce)
     except torch.OutOfMemoryError:
         log.info("no room left to time the VAE; `engine probe --calibrate CONFIG` does it with the card free")
     except KeyboardInterrupt:
@@ -112,8 +121,8 @@ def _measure_vae_speed(model, run, budget_s: float, largest_call_pixels: int, an
     if announce:  # a pause after the progress bar's end needs a reason
         print(f"engine: timing the VAE on {run.device} once for later plans (~{budget_s:.0f} s, cached; "
               "--no-calibrate or calibrate=False skips it)", file=sys.stderr, flush=True)
-    with run.placed("vae_decode"), torch.no_grad():
-        AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s,
+    with run.placed("vae_decode"), torch.no_grad():  # refresh: the cache was just read, and held none
+        AETimeModel.calibrate(vae, device=run.device, dtype=dtype, budget_s=budget_s, refresh=True,
                               max_latent_pixels=ladder_top(run, largest_call_pixels))
     forget_vae_time_models()
     return True

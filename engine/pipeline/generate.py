@@ -249,10 +249,7 @@ def _run_stages(model, opts: GenerateOptions, run, progress: bool, counts: dict,
     if calibrating and not run.adjustments:  # a run that re-planned calibrates nothing
         encoded_frames = torch.cat(_frames_to_encode(images, opts, run.settings), dim=0)
         time_minimal_calls(model, run, opts, conds, saved.x, encoded_frames, flat)
-        latent_pixels = flat.shape[-2] * flat.shape[-1]
-        largest_call = latent_pixels * max(run.settings.ae_decode.frames_per_call(flat.shape[0]),
-                                           run.settings.ae_encode.frames_per_call(encoded_frames.shape[0]))
-        measure_vae_speed(model, run, vae_timing_s, largest_call, announce=progress)
+        measure_vae_speed(model, run, vae_timing_s, encoded_frames, flat, announce=progress)
     if opts.mode == "loop":
         video = video[:-1]  # the last frame repeats the first
     return video.float()

@@ -88,8 +88,9 @@ class StagePlan:
     # of time_s: the calls' fixed cost (calls * per-call seconds): the time model's own (a measured
     # VAE time model's per-call overhead; 0 for a roofline) until runs measured it on this device
     fixed_s: float = 0.0
-    # time_s is from a time model measured on this device (``engine probe --calibrate``'s VAE
-    # model), not a roofline: no lower bound, and runs do not rescale it
+    # time_s is from a time model measured on this device (the VAE's, timed by the device's first
+    # calibrating run or ``engine probe --calibrate``), not a roofline: no lower bound, and runs
+    # do not rescale it
     time_measured: bool = False
 
     @property
